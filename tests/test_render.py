@@ -1,0 +1,43 @@
+"""Every supported answer set renders into a project whose own checks pass."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from cases import SUPPORTED, Case
+from rendering import jinja_leftovers, python, run_checked
+
+
+@pytest.mark.parametrize("case", SUPPORTED, ids=lambda case: case.id)
+def test_rendered_project_passes_its_own_tests_and_lint(render, case: Case) -> None:
+    project = render(case.answers)
+
+    assert jinja_leftovers(project) == []
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    for question, value in case.answers.items():
+        assert answers[question] == value
+    assert not list(project.rglob("__pycache__"))
+
+    run_checked(python("-m", "ruff", "check", "--no-cache", "."), project)
+    run_checked(python("-m", "ruff", "format", "--check", "--no-cache", "."), project)
+    output = run_checked(python("-m", "pytest", "-q", "-p", "no:cacheprovider"), project)
+    assert " passed" in output
+    assert "failed" not in output
+
+
+def test_defaults_give_a_k8s_sync_service_with_the_guide_profile(render) -> None:
+    project = render({})
+    package = project / "src" / "poolwise_service"
+    assert (package / "app.py").is_file()
+    assert not (package / "handler.py").exists()
+    assert not (package / "job.py").exists()
+    settings = (package / "settings.py").read_text()
+    for line in ("pool_size: int = 5", "max_overflow: int = 5", "pool_timeout: int = 5"):
+        assert line in settings
+    assert "pool_recycle: int = 1800" in settings
+
+
+def test_budget_cli_prints_the_rendered_table(render) -> None:
+    project = render({"target": "lambda", "lambda_reserved_concurrency": 20})
+    output = run_checked(python("-m", "poolwise_service.db.budget"), project / "src")
+    assert "[ok] app -> database: 20 lambda_reserved_concurrency x 1 (NullPool) = 20" in output
