@@ -1,0 +1,78 @@
+"""Bad answers are refused before anything is written, with one line naming value, rule and fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cases import K8S_120, REFUSED, Refusal
+from rendering import TEMPLATE_ROOT
+
+COPIER = [sys.executable, "-m", "copier"]
+
+
+def copier_copy(answers: dict, destination: Path) -> subprocess.CompletedProcess[str]:
+    """`copier copy --defaults --data ...` as a user runs it: no --trust, HEAD of this checkout."""
+    data = [arg for key, value in answers.items() for arg in ("--data", f"{key}={value}")]
+    return subprocess.run(
+        [
+            *COPIER,
+            "copy",
+            "--defaults",
+            "--vcs-ref",
+            "HEAD",
+            *data,
+            str(TEMPLATE_ROOT),
+            str(destination),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("refusal", REFUSED, ids=lambda refusal: refusal.id)
+def test_refused_answers_name_the_value_the_rule_and_the_fix(copie, refusal: Refusal) -> None:
+    result = copie.copy(extra_answers=refusal.answers)
+    assert result.exception is not None, f"{refusal.answers} was accepted"
+    message = str(result.exception)
+    assert refusal.message in message
+    assert f"question '{refusal.question}'" in message or refusal.question in message
+    # One line: the whole refusal fits on the line copier prints.
+    assert "\n" not in message.strip()
+
+
+def test_cli_refusal_is_the_last_line_and_writes_nothing(tmp_path: Path) -> None:
+    from cases import K8S_240
+
+    destination = tmp_path / "refused"
+    result = copier_copy(K8S_240, destination)
+    assert result.returncode == 1
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("ValueError: Validation error for question 'other_consumers':")
+    assert "= 240 + 1 migration = 241 > 200 available" in last_line
+    assert "Fix: at 12 processes pool_size + max_overflow must be <= 16" in last_line
+    assert not destination.exists() or not any(destination.iterdir())
+
+
+def test_the_same_topology_with_pool_5_plus_5_is_accepted_without_trust(tmp_path: Path) -> None:
+    destination = tmp_path / "accepted"
+    result = copier_copy(K8S_120, destination)
+    assert result.returncode == 0, result.stderr[-2000:]
+    topology = (destination / "src" / "poolwise_service" / "db" / "topology.py").read_text()
+    assert "replicas_max=6," in topology
+    assert "pool_size=5," in topology
+
+
+def test_every_stdlib_module_of_this_python_is_a_refused_package_name() -> None:
+    import re
+
+    validators = (TEMPLATE_ROOT / "includes" / "validators.jinja").read_text()
+    listed = set(
+        re.findall(r'"([A-Za-z0-9_]+)"', validators.split("stdlib_modules = [")[1].split("]")[0])
+    )
+    public = {name for name in sys.stdlib_module_names if not name.startswith("_")}
+    assert public - listed == set()
