@@ -158,45 +158,38 @@ def database_check(deployment: Deployment, limits: DatabaseLimits) -> Check:
     """The hop that reaches PostgreSQL itself, including the migration connection."""
     room = limits.available - MIGRATION_CONNECTIONS
     if deployment.pooler == "pgbouncer":
-        server = deployment.pgbouncer_default_pool_size + deployment.pgbouncer_reserve_pool_size
-        return Check(
-            hop="pgbouncer -> database",
-            formula=(
-                f"{deployment.pgbouncer_default_pool_size} default_pool_size x 1 database x 1 user"
-                f" + {deployment.pgbouncer_reserve_pool_size} reserve_pool_size"
-                f" + {MIGRATION_CONNECTIONS} migration = {server + MIGRATION_CONNECTIONS}"
-            ),
-            total=server + MIGRATION_CONNECTIONS,
-            limit=limits.available,
-            limit_formula=limits.describe(),
-            fix=f"default_pool_size + reserve_pool_size must be <= {room}",
+        hop = "pgbouncer -> database"
+        served = deployment.pgbouncer_default_pool_size + deployment.pgbouncer_reserve_pool_size
+        formula = (
+            f"{deployment.pgbouncer_default_pool_size} default_pool_size x 1 database x 1 user"
+            f" + {deployment.pgbouncer_reserve_pool_size} reserve_pool_size = {served}"
         )
-    if deployment.pooler == "rds-proxy":
+        fix = f"default_pool_size + reserve_pool_size must be <= {room}"
+    elif deployment.pooler == "rds-proxy":
+        hop = "rds-proxy -> database"
         percent = deployment.rds_proxy_max_connections_percent
-        proxied = percent * limits.max_connections // 100
-        fitting = max(room, 0) * 100 // limits.max_connections
-        return Check(
-            hop="rds-proxy -> database",
-            formula=(
-                f"{percent}% MaxConnectionsPercent of {limits.max_connections} db_max_connections"
-                f" = {proxied} + {MIGRATION_CONNECTIONS} migration"
-                f" = {proxied + MIGRATION_CONNECTIONS}"
-            ),
-            total=proxied + MIGRATION_CONNECTIONS,
-            limit=limits.available,
-            limit_formula=limits.describe(),
-            fix=f"rds_proxy_max_connections_percent must be <= {fitting}",
+        served = percent * limits.max_connections // 100
+        formula = (
+            f"{percent}% MaxConnectionsPercent of {limits.max_connections} db_max_connections"
+            f" = {served}"
         )
+        fix = (
+            "rds_proxy_max_connections_percent must be <="
+            f" {max(room, 0) * 100 // limits.max_connections}"
+        )
+    else:
+        hop = "app -> database"
+        served = deployment.app_total
+        formula = deployment.app_formula()
+        fix = _app_fix(deployment, room)
+    total = served + MIGRATION_CONNECTIONS
     return Check(
-        hop="app -> database",
-        formula=(
-            f"{deployment.app_formula()} + {MIGRATION_CONNECTIONS} migration"
-            f" = {deployment.app_total + MIGRATION_CONNECTIONS}"
-        ),
-        total=deployment.app_total + MIGRATION_CONNECTIONS,
+        hop=hop,
+        formula=f"{formula} + {MIGRATION_CONNECTIONS} migration = {total}",
+        total=total,
         limit=limits.available,
         limit_formula=limits.describe(),
-        fix=_app_fix(deployment, room),
+        fix=fix,
     )
 
 
