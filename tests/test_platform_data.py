@@ -1,0 +1,99 @@
+"""The platform team's golden path: database limits and pool policy from one data file.
+
+`copier copy --data-file examples/platform.yml` answers those questions for every service on a
+database; the values go through the same validators as `--data`, and `--data` still wins.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from rendering import TEMPLATE_ROOT, python, run_checked
+
+PLATFORM = TEMPLATE_ROOT / "examples" / "platform.yml"
+
+
+def copier_copy(destination: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`copier copy --defaults` as a team runs it: no --trust, HEAD of this checkout."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "copier",
+            "copy",
+            "--defaults",
+            "--vcs-ref",
+            "HEAD",
+            *args,
+            str(TEMPLATE_ROOT),
+            str(destination),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_example_file_answers_the_database_questions(tmp_path: Path) -> None:
+    platform = yaml.safe_load(PLATFORM.read_text())
+    assert {"db_max_connections", "db_reserved_connections", "other_consumers"} <= set(platform)
+
+    project = tmp_path / "orders"
+    result = copier_copy(project, "--data-file", str(PLATFORM))
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert {key: answers[key] for key in platform} == platform
+    limits = (project / "src" / "poolwise_service" / "db" / "database_limits.toml").read_text()
+    assert f"max_connections = {platform['db_max_connections']}\n" in limits
+    assert f"other_consumers = {platform['other_consumers']}\n" in limits
+    settings = (project / "src" / "poolwise_service" / "settings.py").read_text()
+    assert f"pool_recycle: int = {platform['pool_recycle']}\n" in settings
+    available = (
+        platform["db_max_connections"]
+        - platform["db_reserved_connections"]
+        - platform["other_consumers"]
+    )
+    table = run_checked(python("-m", "poolwise_service.db.budget"), project / "src")
+    assert f"{available} available (db_max_connections {platform['db_max_connections']}" in table
+
+
+def test_the_command_line_wins_over_the_file(tmp_path: Path) -> None:
+    project = tmp_path / "orders"
+    result = copier_copy(project, "--data-file", str(PLATFORM), "--data", "pool_recycle=900")
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert answers["pool_recycle"] == 900
+    assert (
+        answers["db_max_connections"] == yaml.safe_load(PLATFORM.read_text())["db_max_connections"]
+    )
+
+
+def test_a_file_that_breaks_the_budget_is_refused_like_data(tmp_path: Path) -> None:
+    crowded = tmp_path / "platform.yml"
+    crowded.write_text(
+        re.sub(r"(?m)^other_consumers: \d+$", "other_consumers: 370", PLATFORM.read_text())
+    )
+    as_data = [
+        arg
+        for key, value in yaml.safe_load(crowded.read_text()).items()
+        for arg in ("--data", f"{key}={value}")
+    ]
+
+    from_file = copier_copy(tmp_path / "from-file", "--data-file", str(crowded))
+    from_data = copier_copy(tmp_path / "from-data", *as_data)
+
+    assert from_file.returncode == from_data.returncode == 1
+    last_line = from_file.stderr.strip().splitlines()[-1]
+    assert last_line == from_data.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(
+        "ValueError: Validation error for question 'other_consumers': connection budget exceeded"
+    )
+    assert "- other_consumers 370). Fix:" in last_line
+    assert not (tmp_path / "from-file").exists()

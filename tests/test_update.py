@@ -1,0 +1,484 @@
+"""`copier update` carries template fixes into a generated service and keeps the team's edits.
+
+Each test works on a throwaway git copy of this template with its own release tags:
+
+    v1.0.0  the template as it is in this checkout (working tree, uncommitted files included)
+    v1.1.0  a fix in the engine module and a new module with its test
+    v1.2.0  (separate copy) tests/test_engine_profile.py moves to tests/db/, with a change, and a
+            `_migrations` entry that carries the project's edits to the new path
+
+A service is generated from v1.0.0 with the CLI, committed, edited the way teams edit services,
+committed again, and updated with `copier update --defaults` exactly as the README documents.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from rendering import TEMPLATE_ROOT, python, run_checked
+
+# POOLWISE_TEST_COPIER=/path/to/bin/copier runs these tests with another copier, for example the
+# _min_copier_version of copier.yml in its own virtualenv.
+COPIER = (
+    [os.environ["POOLWISE_TEST_COPIER"]]
+    if os.environ.get("POOLWISE_TEST_COPIER")
+    else [sys.executable, "-m", "copier"]
+)
+PACKAGE = "poolwise_service"
+# What the template needs to render; the rest of the repository is not part of a release.
+TEMPLATE_PATHS = ["copier.yml", "includes", "template", "hooks"]
+CONFLICT_START = "<<<<<<< before updating"
+
+ENGINE = f"src/{PACKAGE}/db/engine.py"
+ENGINE_FIX = "CONNECT_TIMEOUT_SECONDS = 2"
+OLD_TEST = "tests/test_engine_profile.py"
+NEW_TEST = "tests/db/test_engine_profile.py"
+MOVED_NOTE = "Moved to tests/db/ in 1.2.0."
+
+POOL_STATUS = '''"""One line on the pool's state, for logs and debugging (added in 1.1.0)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def pool_status(engine: Any) -> str:
+    """The pool's own status line; an async engine reports its sync engine's pool."""
+    return str(getattr(engine, "sync_engine", engine).pool.status())
+'''
+
+POOL_STATUS_TEST = '''"""The pool status line names the pool (added in 1.1.0)."""
+
+from {{ package_name }}.db.engine import build_engine
+from {{ package_name }}.db.pool_status import pool_status
+from {{ package_name }}.settings import Settings
+
+
+def test_pool_status_is_one_line(settings: Settings) -> None:
+    status = pool_status(build_engine(settings))
+    assert status
+    assert "\\n" not in status
+'''
+
+VERSION_ENDPOINT = '''
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    """The deployed build, added by the service team."""
+    return {"version": "2024.06.1"}
+'''
+
+VERSION_TEST = f'''"""The team's own endpoint."""
+
+from fastapi.testclient import TestClient
+
+from {PACKAGE}.app import create_app
+from {PACKAGE}.settings import Settings
+
+
+def test_version_endpoint(settings: Settings) -> None:
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/version").json() == {{"version": "2024.06.1"}}
+'''
+
+NEW_DEPENDENCY = '"orjson>=3.10",'
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sh(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command as a user would: no pytest variables, a git identity for commits."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
+    env.pop("PYTHONPATH", None)
+    env.update(
+        GIT_AUTHOR_NAME="poolwise test",
+        GIT_AUTHOR_EMAIL="test@poolwise.invalid",
+        GIT_COMMITTER_NAME="poolwise test",
+        GIT_COMMITTER_EMAIL="test@poolwise.invalid",
+    )
+    result = subprocess.run(
+        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    if check:
+        assert result.returncode == 0, (
+            f"{' '.join(args)} failed in {cwd} (exit {result.returncode}):\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def git(cwd: Path, *args: str) -> str:
+    return sh(["git", *args], cwd).stdout
+
+
+def commit(repo: Path, message: str, tag: str | None = None) -> None:
+    git(repo, "add", "--all")
+    git(repo, "commit", "--quiet", "--no-verify", "-m", message)
+    if tag:
+        git(repo, "tag", "--annotate", tag, "-m", f"poolwise {tag}")
+
+
+def edit(path: Path, change: Callable[[str], str]) -> None:
+    before = path.read_text()
+    after = change(before)
+    assert after != before, f"the edit of {path} changed nothing; has the template changed?"
+    path.write_text(after)
+
+
+def replace_once(pattern: str, replacement: str) -> Callable[[str], str]:
+    def change(text: str) -> str:
+        new, count = re.subn(pattern, replacement, text, count=1, flags=re.MULTILINE)
+        assert count == 1, f"{pattern!r} not found"
+        return new
+
+    return change
+
+
+def copier(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return sh([*COPIER, *args], cwd, check=check)
+
+
+def last_line(result: subprocess.CompletedProcess[str]) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def tree(project: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(project)): path.read_bytes()
+        for path in sorted(project.rglob("*"))
+        if path.is_file() and ".git" not in path.relative_to(project).parts
+    }
+
+
+# ------------------------------------------------------------------------- the template's releases
+
+
+def release_1_0(repo: Path) -> None:
+    """This checkout's template files, uncommitted and untracked ones included, as v1.0.0."""
+    listed = git(
+        TEMPLATE_ROOT,
+        "ls-files",
+        "-z",
+        "--cached",
+        "--others",
+        "--exclude-standard",
+        "--",
+        *TEMPLATE_PATHS,
+    )
+    for name in filter(None, listed.split("\0")):
+        source = TEMPLATE_ROOT / name
+        if source.is_file():  # deleted but not yet committed files are listed too
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, repo / name)
+    git(repo, "init", "--quiet", "--initial-branch=main")
+    commit(repo, "poolwise 1.0.0", tag="v1.0.0")
+
+
+def release_1_1(repo: Path) -> None:
+    """A fix in the engine module and a new file."""
+    engine = repo / "template/src/{{package_name}}/db/engine.py.jinja"
+    edit(engine, replace_once(r"^CONNECT_TIMEOUT_SECONDS = (?!2$)\d+$", ENGINE_FIX))
+    (repo / "template/src/{{package_name}}/db/pool_status.py").write_text(POOL_STATUS)
+    (repo / "template/tests/test_pool_status.py.jinja").write_text(POOL_STATUS_TEST)
+    commit(repo, "engine: fail a connect in 2 s; pool_status()", tag="v1.1.0")
+
+
+def release_1_2(repo: Path) -> None:
+    """Move a rendered file that teams edit, change it, and migrate the edits across."""
+    old = repo / "template" / f"{OLD_TEST}.jinja"
+    new = repo / "template" / f"{NEW_TEST}.jinja"
+    new.parent.mkdir(parents=True)
+    old.rename(new)
+    edit(new, replace_once(r'^"""(.*)"""$', rf'"""\1 {MOVED_NOTE}"""'))
+    migration = (
+        "_migrations:\n"
+        '  - version: "1.2.0"\n'
+        "    when: \"{{ _stage == 'after' }}\"\n"
+        '    command: ["{{ _copier_python }}", "{{ _copier_conf.src_path }}/hooks/migrate.py",'
+        f' "move-file", "{OLD_TEST}", "{NEW_TEST}"]\n'
+    )
+    edit(repo / "copier.yml", replace_once(r"^_migrations: \[\]\n", migration))
+    commit(repo, "tests: engine profile tests move to tests/db/", tag="v1.2.0")
+
+
+@pytest.fixture(scope="module")
+def template_1_1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("poolwise-template")
+    release_1_0(repo)
+    release_1_1(repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def template_1_2(template_1_1: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("poolwise-template-1.2") / "poolwise"
+    git(template_1_1.parent, "clone", "--quiet", str(template_1_1), str(repo))
+    release_1_2(repo)
+    return repo
+
+
+# ----------------------------------------------------------------------------- a generated service
+
+
+def generate(template: Path, project: Path, *data: str, data_file: Path | None = None) -> Path:
+    """`copier copy` from v1.0.0, then the team's first commit."""
+    answers = [arg for item in data for arg in ("--data", item)]
+    if data_file is not None:
+        answers += ["--data-file", str(data_file)]
+    copier(
+        "copy",
+        "--defaults",
+        "--vcs-ref",
+        "v1.0.0",
+        *answers,
+        str(template),
+        str(project),
+        cwd=project.parent,
+    )
+    git(project, "init", "--quiet", "--initial-branch=main")
+    commit(project, "generated by poolwise 1.0.0")
+    return project
+
+
+def team_edits(project: Path) -> None:
+    """What teams do next: an endpoint, a smaller pool (within budget), a dependency."""
+    package = project / "src" / PACKAGE
+    edit(
+        package / "app.py", replace_once(r"^router = APIRouter\(\)\n", r"\g<0>" + VERSION_ENDPOINT)
+    )
+    (project / "tests" / "test_version.py").write_text(VERSION_TEST)
+    edit(
+        package / "settings.py", replace_once(r"^    pool_size: int = 5$", "    pool_size: int = 4")
+    )
+    edit(
+        project / OLD_TEST,
+        replace_once(r"^    assert pool\.size\(\) == 5$", "    assert pool.size() == 4"),
+    )
+    edit(
+        project / "pyproject.toml",
+        replace_once(r"^dependencies = \[\n", rf"\g<0>    {NEW_DEPENDENCY}\n"),
+    )
+    commit(project, "our endpoint, a smaller pool, orjson")
+
+
+def assert_team_edits_kept(project: Path, engine_profile_test: str = OLD_TEST) -> None:
+    package = project / "src" / PACKAGE
+    assert '@router.get("/version")' in (package / "app.py").read_text()
+    assert (project / "tests" / "test_version.py").read_text() == VERSION_TEST
+    assert "    pool_size: int = 4\n" in (package / "settings.py").read_text()
+    assert "    assert pool.size() == 4\n" in (project / engine_profile_test).read_text()
+    assert NEW_DEPENDENCY in (project / "pyproject.toml").read_text()
+
+
+def assert_release_1_1_arrived(project: Path) -> None:
+    assert f"\n{ENGINE_FIX}\n" in (project / ENGINE).read_text()
+    assert (project / "src" / PACKAGE / "db" / "pool_status.py").read_text() == POOL_STATUS
+    assert (project / "tests" / "test_pool_status.py").is_file()
+
+
+def assert_project_checks_pass(project: Path) -> None:
+    assert not sh(["git", "grep", "-n", CONFLICT_START], project, check=False).stdout
+    run_checked(python("-m", "ruff", "check", "--no-cache", "."), project)
+    output = run_checked(python("-m", "pytest", "-q", "-p", "no:cacheprovider"), project)
+    assert " passed" in output
+    assert "failed" not in output
+
+
+def unmerged(project: Path) -> list[str]:
+    """The README's conflict check: files copier left with conflict markers."""
+    return git(project, "diff", "--name-only", "--diff-filter=U").split()
+
+
+# ----------------------------------------------------------------------------- the tests
+
+
+def test_update_brings_the_fix_and_keeps_the_teams_edits(
+    template_1_1: Path, tmp_path: Path
+) -> None:
+    project = generate(template_1_1, tmp_path / "orders")
+    team_edits(project)
+
+    result = copier("update", "--defaults", cwd=project)
+
+    assert "Updating to template version 1.1.0" in result.stderr
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert answers["_commit"] == "v1.1.0"
+    assert answers["_src_path"] == str(template_1_1)
+    assert unmerged(project) == []
+    assert_team_edits_kept(project)
+    assert_release_1_1_arrived(project)
+    assert_project_checks_pass(project)
+
+
+def test_a_real_conflict_is_left_as_markers_and_listed_as_unmerged(
+    template_1_1: Path, tmp_path: Path
+) -> None:
+    project = generate(template_1_1, tmp_path / "orders")
+    edit(
+        project / ENGINE,
+        replace_once(r"^CONNECT_TIMEOUT_SECONDS = \d+$", "CONNECT_TIMEOUT_SECONDS = 10"),
+    )
+    commit(project, "our database is far away")
+
+    result = copier("update", "--defaults", cwd=project)
+
+    # Copier exits 0 with a conflict; the README's check is what finds it.
+    assert result.returncode == 0
+    assert unmerged(project) == [ENGINE]
+    engine = (project / ENGINE).read_text()
+    assert (
+        f"{CONFLICT_START}\nCONNECT_TIMEOUT_SECONDS = 10\n=======\n{ENGINE_FIX}\n"
+        ">>>>>>> after updating\n"
+    ) in engine
+    assert "Unmerged paths" in git(project, "status")
+    # Everything without a conflict was still updated.
+    assert (project / "src" / PACKAGE / "db" / "pool_status.py").is_file()
+
+
+def test_an_answer_that_breaks_the_budget_is_refused_like_at_copy_time(
+    template_1_1: Path, tmp_path: Path
+) -> None:
+    # The budget's factors are pinned here, so the message below does not follow the defaults.
+    topology = ("replicas_max=3", "max_surge=1", "pool_size=5", "max_overflow=5")
+    limits = ("db_max_connections=100", "db_reserved_connections=3", "other_consumers=40")
+    project = generate(template_1_1, tmp_path / "orders", *topology, *limits)
+    before = tree(project)
+    head = git(project, "rev-parse", "HEAD")
+
+    # 8 workers: (3 + 1) pods x 8 x (5 + 5) = 320 > 57. 2 workers: 81 > 57, but it would fit
+    # the 97 connections left if the recorded other_consumers=40 were lost on the way.
+    for workers in ("8", "2"):
+        update = copier(
+            "update", "--defaults", "--data", f"workers_per_pod={workers}", cwd=project, check=False
+        )
+        copy = copier(
+            "copy",
+            "--defaults",
+            "--vcs-ref",
+            "v1.1.0",
+            *(arg for item in (*topology, *limits) for arg in ("--data", item)),
+            "--data",
+            f"workers_per_pod={workers}",
+            str(template_1_1),
+            str(tmp_path / f"copy-{workers}"),
+            cwd=tmp_path,
+            check=False,
+        )
+
+        assert update.returncode == 1
+        assert last_line(update) == last_line(copy)
+        assert last_line(update).startswith(
+            "ValueError: Validation error for question 'other_consumers': connection budget"
+            f" exceeded, app -> database: (3 replicas_max + 1 max_surge) x {workers}"
+            " workers_per_pod x (5 pool_size + 5 max_overflow)"
+        )
+        assert "- other_consumers 40)" in last_line(update)
+        assert tree(project) == before
+        assert git(project, "status", "--porcelain") == ""
+        assert git(project, "rev-parse", "HEAD") == head
+
+    # An answer change within budget goes through and is checked by the project's own tests.
+    copier(
+        "update", "--defaults", "--data", "workers_per_pod=1", "--data", "pool_size=4", cwd=project
+    )
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert (answers["other_consumers"], answers["pool_size"]) == (40, 4)
+    assert "    pool_size: int = 4\n" in (project / "src" / PACKAGE / "settings.py").read_text()
+    assert_project_checks_pass(project)
+
+
+def test_a_moved_file_keeps_the_teams_edits_through_the_migration(
+    template_1_2: Path, tmp_path: Path
+) -> None:
+    project = generate(template_1_2, tmp_path / "orders")
+    team_edits(project)
+    before = tree(project)
+
+    # The migration runs Python from the template: copier asks for --trust, changes nothing.
+    refused = copier("update", "--defaults", cwd=project, check=False)
+    assert refused.returncode == 4
+    assert "migrations" in refused.stderr
+    assert tree(project) == before
+
+    result = copier("update", "--defaults", "--trust", cwd=project)
+
+    assert "Updating to template version 1.2.0" in result.stderr
+    assert f"poolwise migration: moved {OLD_TEST} -> {NEW_TEST}, kept your edits" in result.stderr
+    assert not (project / OLD_TEST).exists()
+    assert MOVED_NOTE in (project / NEW_TEST).read_text()
+    assert unmerged(project) == []
+    assert_team_edits_kept(project, engine_profile_test=NEW_TEST)
+    assert_release_1_1_arrived(project)
+    assert_project_checks_pass(project)
+
+
+def test_an_edit_that_collides_with_the_moved_files_change_is_a_conflict(
+    template_1_2: Path, tmp_path: Path
+) -> None:
+    project = generate(template_1_2, tmp_path / "orders")
+    edit(project / OLD_TEST, replace_once(r'^"""(.*)"""$', r'"""\1 Ours."""'))
+    commit(project, "our note on the engine tests")
+
+    result = copier("update", "--defaults", "--trust", cwd=project)
+
+    assert "1 conflict(s) between your edits and the release" in result.stderr
+    assert unmerged(project) == [NEW_TEST]
+    moved = (project / NEW_TEST).read_text()
+    assert moved.startswith(f"{CONFLICT_START}\n")
+    assert ' Ours."""\n=======\n' in moved
+    assert f'{MOVED_NOTE}"""\n>>>>>>> after updating\n' in moved
+    assert not (project / OLD_TEST).exists()
+
+
+def test_the_platform_team_rolls_out_new_limits_with_its_data_file(
+    template_1_1: Path, tmp_path: Path
+) -> None:
+    platform = TEMPLATE_ROOT / "examples" / "platform.yml"
+    project = generate(template_1_1, tmp_path / "orders", data_file=platform)
+    limits = project / "src" / PACKAGE / "db" / "database_limits.toml"
+    assert "max_connections = 400\n" in limits.read_text()
+    before = tree(project)
+
+    # Another service moved onto the database: 370 others leave 27, this service needs 41.
+    crowded = tmp_path / "platform-crowded.yml"
+    crowded.write_text(
+        re.sub(r"(?m)^other_consumers: \d+$", "other_consumers: 370", platform.read_text())
+    )
+    refused = copier("update", "--defaults", "--data-file", str(crowded), cwd=project, check=False)
+    copy = copier(
+        "copy",
+        "--defaults",
+        "--vcs-ref",
+        "v1.1.0",
+        "--data-file",
+        str(crowded),
+        str(template_1_1),
+        str(tmp_path / "copy"),
+        cwd=tmp_path,
+        check=False,
+    )
+    assert refused.returncode == 1
+    assert last_line(refused) == last_line(copy)
+    assert "- other_consumers 370). Fix:" in last_line(refused)
+    assert tree(project) == before
+
+    # The database grew instead: the update records the new limits and brings the release.
+    bigger = tmp_path / "platform-bigger.yml"
+    bigger.write_text(
+        re.sub(r"(?m)^db_max_connections: \d+$", "db_max_connections: 800", platform.read_text())
+    )
+    copier("update", "--defaults", "--data-file", str(bigger), cwd=project)
+    assert "max_connections = 800\n" in limits.read_text()
+    assert (
+        yaml.safe_load((project / ".copier-answers.yml").read_text())["db_max_connections"] == 800
+    )
+    assert_release_1_1_arrived(project)
