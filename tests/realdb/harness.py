@@ -413,6 +413,40 @@ class PostgresCluster:
         )
         return int(rows[0][0])
 
+    def backends(self, application_name: str | None = None, *, user: str | None = None) -> list:
+        """(pid, application_name, usename, client_port, state) of matching client backends."""
+        rows = self.psql(
+            "SELECT pid, application_name, usename, client_port, state FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() "
+            "AND (%s::text IS NULL OR application_name = %s) "
+            "AND (%s::text IS NULL OR usename = %s)",
+            (application_name, application_name, user, user),
+        )
+        return [tuple(row) for row in rows]
+
+    def wait_for_connections(
+        self, application_name: str, expected: int = 0, *, timeout: float = 10.0
+    ) -> int:
+        """Bounded wait until exactly ``expected`` backends carry that name; the last count."""
+        deadline = time.monotonic() + timeout
+        count = self.connections(application_name)
+        while count != expected and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+            count = self.connections(application_name)
+        return count
+
+    def log_offset(self) -> int:
+        """Current size of the server log; pass it to :meth:`log_since` to scope a check."""
+        try:
+            return self.log_file.stat().st_size
+        except OSError:
+            return 0
+
+    def log_since(self, offset: int) -> str:
+        with self.log_file.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+
     # -- internals
     def _run(
         self, argv: list[str | Path], *, check: bool = True
@@ -741,15 +775,19 @@ class ActivitySampler:
     def __init__(
         self,
         cluster: PostgresCluster,
-        application_name: str,
+        application_name: str | None,
         *,
         prefix: bool = False,
+        user: str | None = None,
         interval: float = 0.05,
         max_duration: float = 300.0,
     ) -> None:
         self.cluster = cluster
         self.application_name = application_name
         self.prefix = prefix
+        # user: count only that role's backends; with application_name=None, count all of them
+        # (e.g. every server connection PgBouncer holds, whatever client name it last carried).
+        self.user = user
         self.interval = interval
         self.max_duration = max_duration
         self.samples: list[int] = []
@@ -762,7 +800,9 @@ class ActivitySampler:
     def start(self) -> Self:
         if self._thread is None:
             self._thread = threading.Thread(
-                target=self._run, name=f"ActivitySampler[{self.application_name}]", daemon=True
+                target=self._run,
+                name=f"ActivitySampler[{self.application_name or self.user}]",
+                daemon=True,
             )
             self._thread.start()
         return self
@@ -802,12 +842,18 @@ class ActivitySampler:
         return bool(predicate(self))
 
     def _run(self) -> None:
-        op = "LIKE" if self.prefix else "="
-        pattern = _like_prefix(self.application_name) if self.prefix else self.application_name
-        query = (
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-            f"AND application_name {op} %s"
-        )
+        where = ["backend_type = 'client backend'"]
+        params: list[str] = []
+        if self.application_name is not None:
+            op = "LIKE" if self.prefix else "="
+            where.append(f"application_name {op} %s")
+            params.append(
+                _like_prefix(self.application_name) if self.prefix else self.application_name
+            )
+        if self.user is not None:
+            where.append("usename = %s")
+            params.append(self.user)
+        query = "SELECT count(*) FROM pg_stat_activity WHERE " + " AND ".join(where)
         deadline = time.monotonic() + self.max_duration
         conn: psycopg.Connection[tuple[Any, ...]] | None = None
         try:
@@ -817,7 +863,7 @@ class ActivitySampler:
                         conn = self.cluster.connect(
                             application_name=SAMPLER_APP_NAME, connect_timeout=2
                         )
-                    row = conn.execute(query, (pattern,)).fetchone()
+                    row = conn.execute(query, params).fetchone()
                     count = int(row[0]) if row else 0
                     with self._lock:
                         self.samples.append(count)

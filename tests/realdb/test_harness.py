@@ -25,7 +25,7 @@ from harness import (
     pid_alive,
 )
 
-pytestmark = pytest.mark.realdb
+pytestmark = [pytest.mark.realdb, pytest.mark.xdist_group("realdb")]
 
 POOL_SIZE = 10  # the conftest fixtures' default_pool_size
 

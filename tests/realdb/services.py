@@ -1,0 +1,418 @@
+"""Rendered projects and their real entry points, for the realdb tier and the benchmark.
+
+A :class:`RenderedProject` is one ``copier copy`` of this template. Its code runs in the shared
+virtualenv (this interpreter) with ``PYTHONPATH=<project>/src``, exactly like the generated
+Dockerfile runs it: ``python -m <pkg>`` (k8s), ``python -m <pkg>.job`` (batch), or the Lambda
+handler imported in a fresh interpreter per execution environment.
+
+Every process started here is started by id, in its own session, and stopped by id (its
+process group) in ``stop()``; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import copier
+from harness import free_port, pid_alive
+from loadgen import request
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 30.0
+
+
+def render(destination: Path, answers: dict[str, Any]) -> RenderedProject:
+    """Render the template (working tree, uncommitted changes included) with ``answers``."""
+    copier.run_copy(
+        src_path=str(REPO_ROOT),
+        dst_path=destination,
+        data=answers,
+        defaults=True,
+        unsafe=False,
+        vcs_ref="HEAD",
+        quiet=True,
+    )
+    return RenderedProject(destination)
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PG"))}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+@dataclass
+class RenderedProject:
+    root: Path
+
+    @property
+    def answers(self) -> dict[str, Any]:
+        text = (self.root / ".copier-answers.yml").read_text()
+        answers: dict[str, Any] = {}
+        for line in text.splitlines():
+            if ":" in line and not line.startswith(("#", " ")):
+                key, value = line.split(":", 1)
+                answers[key.strip()] = value.strip().strip("'\"")
+        return answers
+
+    @property
+    def package(self) -> str:
+        (package,) = [p.name for p in (self.root / "src").iterdir() if (p / "__init__.py").exists()]
+        return package
+
+    @property
+    def project_name(self) -> str:
+        return self.answers["project_name"]
+
+    def env(self, **overrides: str | int) -> dict[str, str]:
+        env = _clean_env()
+        env["PYTHONPATH"] = str(self.root / "src")
+        env.update({k: str(v) for k, v in overrides.items()})
+        return env
+
+    def python(
+        self, code: str, *, timeout: float = 60, **env: str | int
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a snippet with the project importable; raises with its output on failure."""
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            cwd=self.root,
+            env=self.env(**env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"snippet failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def budget(self, **deployment_overrides: int) -> dict[str, Any]:
+        """The project's own db/budget.py numbers for its rendered topology (with overrides).
+
+        ``per_process``, ``processes``, ``app_total`` and the ``database_total`` that
+        ``database_check`` computes (migration connection included), plus the pgbouncer knobs.
+        """
+        code = f"""
+            import dataclasses, json
+            from {self.package}.db.budget import database_check, load_limits
+            from {self.package}.db.topology import RENDERED_DEPLOYMENT
+            deployment = dataclasses.replace(RENDERED_DEPLOYMENT, **{deployment_overrides!r})
+            print(json.dumps({{
+                "per_process": deployment.per_process,
+                "processes": deployment.processes,
+                "app_total": deployment.app_total,
+                "database_total": database_check(deployment, load_limits()).total,
+                "pgbouncer_default_pool_size": deployment.pgbouncer_default_pool_size,
+                "pgbouncer_max_client_conn": deployment.pgbouncer_max_client_conn,
+                "pool_size": deployment.pool_size,
+                "max_overflow": deployment.max_overflow,
+            }}))
+        """
+        return json.loads(self.python(code).stdout)
+
+    def settings(self) -> dict[str, Any]:
+        """The rendered Settings defaults (pool_timeout, pool_size, ...)."""
+        code = f"""
+            import dataclasses, json
+            from {self.package}.settings import Settings
+            print(json.dumps(dataclasses.asdict(Settings())))
+        """
+        return json.loads(self.python(code).stdout)
+
+    def has_alembic(self) -> bool:
+        return (self.root / "alembic.ini").exists()
+
+    def create_schema(self, database_url: str) -> str:
+        """Create the tables the way the project does in production, or from its models.
+
+        Prefers the project's own migrations (``alembic upgrade head``) when the template
+        renders them; otherwise ``Base.metadata.create_all`` with a NullPool engine.
+        """
+        if self.has_alembic():
+            proc = subprocess.run(
+                [sys.executable, "-m", "alembic", "upgrade", "head"],
+                cwd=self.root,
+                env=self.env(DATABASE_URL=database_url),
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"alembic upgrade head failed:\n{proc.stdout}\n{proc.stderr}")
+            return "alembic upgrade head"
+        self.python(
+            f"""
+            from sqlalchemy import create_engine
+            from sqlalchemy.pool import NullPool
+            from {self.package}.models import Base
+            engine = create_engine({database_url!r}, poolclass=NullPool)
+            Base.metadata.create_all(engine)
+            engine.dispose()
+            """
+        )
+        return "Base.metadata.create_all"
+
+
+class ServiceProcess:
+    """A k8s-target service started through its real entry point, ``python -m <pkg>``."""
+
+    def __init__(
+        self,
+        project: RenderedProject,
+        database_url: str,
+        application_name: str,
+        log_dir: Path,
+        *,
+        module: str | None = None,
+        **env: str | int,
+    ) -> None:
+        self.project = project
+        self.application_name = application_name
+        self.port = 0
+        self.module = module or project.package
+        self._env = {
+            "DATABASE_URL": database_url,
+            "APPLICATION_NAME": application_name,
+            "HOST": "127.0.0.1",
+            **env,
+        }
+        self.log_path = log_dir / f"{application_name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.exit_code: int | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> ServiceProcess:
+        last = ""
+        for _attempt in range(3):  # bounded retry on the free-port race
+            self.port = free_port()
+            with self.log_path.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", self.module],
+                    cwd=self.project.root,
+                    env=self.project.env(PORT=self.port, **self._env),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            if self._wait_healthy():
+                return self
+            last = self.log()
+            self.kill()
+            if "address already in use" not in last.lower():
+                break
+        raise RuntimeError(f"{self.module} did not start:\n{last[-4000:]}")
+
+    def _wait_healthy(self) -> bool:
+        assert self.proc is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            with contextlib.suppress(OSError):
+                if request(self.port, "GET", "/healthz", timeout=2)[0] == 200:
+                    return True
+            time.sleep(0.1)
+        return False
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        """Bounded wait until GET /readyz (a real database round trip) answers 200."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            try:
+                last = request(self.port, "GET", "/readyz", timeout=5)
+                if last[0] == 200:
+                    return
+            except OSError as exc:
+                last = exc
+            time.sleep(0.1)
+        raise AssertionError(f"/readyz never answered 200: {last}\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def terminate(self) -> None:
+        """SIGTERM to the main process only, as Kubernetes sends it to PID 1."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int | None:
+        assert self.proc is not None
+        try:
+            self.exit_code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.exit_code
+
+    def children(self) -> list[int]:
+        from harness import child_pids
+
+        return [pid for pid in child_pids(self.pid) if pid_alive(pid)]
+
+    def kill(self) -> None:
+        """Stop for good: SIGTERM, then SIGKILL to the whole process group (ours) if needed."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.exit_code = proc.wait(timeout=25)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+# A Lambda execution environment: one interpreter that imports the handler module once (the
+# cold start, engine built at import), then serves invocations one at a time, like the Lambda
+# runtime's loop. Events arrive as JSON lines on stdin; each response goes back as one line.
+LAMBDA_RUNTIME = """
+import json, sys, importlib
+handler = importlib.import_module(sys.argv[1] + ".handler").handler
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    try:
+        response = handler(json.loads(line), None)
+    except Exception as exc:
+        response = {"statusCode": 599, "error": repr(exc)}
+    print(json.dumps(response), flush=True)
+"""
+
+
+class LambdaEnvironment:
+    """One execution environment (a process) running the generated handler."""
+
+    def __init__(self, project: RenderedProject, database_url: str, application_name: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LAMBDA_RUNTIME, project.package],
+            cwd=project.root,
+            env=project.env(DATABASE_URL=database_url, APPLICATION_NAME=application_name),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def _readline(self, timeout: float) -> dict[str, Any]:
+        import selectors
+
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stdout, selectors.EVENT_READ)
+            if not selector.select(timeout):
+                raise TimeoutError(f"no answer from the Lambda environment in {timeout} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"Lambda environment exited: {self.stderr()}")
+        return json.loads(line)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        assert self._readline(timeout) == {"ready": True}
+
+    def invoke(self, event: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(event) + "\n")
+        self.proc.stdin.flush()
+        return self._readline(timeout)
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None or self.proc.stderr is None or self.proc.stderr.closed:
+            return ""
+        return self.proc.stderr.read()
+
+    def close(self, timeout: float = 10) -> int:
+        """End the environment (EOF on stdin) and return its exit code."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            code = self.proc.wait(timeout=10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return code
+
+
+def run_job(
+    project: RenderedProject, database_url: str, application_name: str, log_dir: Path, **env: Any
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m <pkg>.job`` (batch target); the caller waits on or signals it."""
+    log_path = log_dir / f"{application_name}.log"
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", f"{project.package}.job"],
+            cwd=project.root,
+            env=project.env(DATABASE_URL=database_url, APPLICATION_NAME=application_name, **env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Bounded poll: True as soon as ``predicate()`` holds, False after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def postgres_sockets(pids: list[int], server_port: int) -> dict[int, list[int]]:
+    """For each pid, the local ports of its established TCP connections to ``server_port``.
+
+    Read from /proc (the socket inodes each process holds open), so it shows which OS process
+    really owns each client socket that pg_stat_activity lists by client_port.
+    """
+    client_ports: dict[str, int] = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+        if state == "01" and int(remote.split(":")[1], 16) == server_port:  # 01: ESTABLISHED
+            client_ports[inode] = int(local.split(":")[1], 16)
+    owned: dict[int, list[int]] = {}
+    for pid in pids:
+        ports = []
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:[") and target[8:-1] in client_ports:
+                        ports.append(client_ports[target[8:-1]])
+        owned[pid] = sorted(ports)
+    return owned
