@@ -12,6 +12,8 @@ TEMPLATE_ROOT = Path(__file__).resolve().parent.parent
 # Leftover Jinja in a rendered file means an undefined variable rendered as nothing or a tag
 # that was not closed; the rendered project must contain none.
 JINJA_LEFTOVER = re.compile(r"\{\{|\}\}|\{%|%\}|\{#|#\}")
+# CloudFormation dynamic references ({{resolve:secretsmanager:...}}) are meant to be rendered.
+CLOUDFORMATION_DYNAMIC_REFERENCE = re.compile(r"\{\{resolve:.+?\}\}")
 
 
 def run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -43,6 +45,6 @@ def jinja_leftovers(project: Path) -> list[str]:
             continue
         text = path.read_text(errors="replace")
         for number, line in enumerate(text.splitlines(), start=1):
-            if JINJA_LEFTOVER.search(line):
+            if JINJA_LEFTOVER.search(CLOUDFORMATION_DYNAMIC_REFERENCE.sub("", line)):
                 found.append(f"{path.relative_to(project)}:{number}: {line.strip()}")
     return found
