@@ -246,6 +246,12 @@ REFUSED = [
         "package-name-keyword", {"package_name": "lambda"}, "package_name", "it is a Python keyword"
     ),
     Refusal(
+        "project-name-too-long-for-kubernetes",
+        {"project_name": "a" * 41},
+        "project_name",
+        "has 41 characters and must have at most 40",
+    ),
+    Refusal(
         "project-name-empty", {"project_name": ""}, "project_name", 'project_name="" is not allowed'
     ),
     Refusal(
