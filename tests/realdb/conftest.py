@@ -260,17 +260,29 @@ def bouncer(database: PostgresCluster) -> Iterator[Callable[[RenderedProject], P
 
     def start(project: RenderedProject, *, max_client_conn: int | None = None) -> PgBouncer:
         numbers = project.budget()
-        mode = project.answers["pgbouncer_pool_mode"]
+        # The pool numbers of the project's own deploy/pgbouncer/pgbouncer.ini (the budget's
+        # numbers when a project renders none); listen address, auth and logging stay the
+        # harness's, so it runs unprivileged on 127.0.0.1.
+        ini = project.pgbouncer_ini() or {}
+        mode = ini.get("pool_mode", project.answers["pgbouncer_pool_mode"])
+        default_pool_size = int(
+            ini.get("default_pool_size", numbers["pgbouncer_default_pool_size"])
+        )
+        assert default_pool_size == numbers["pgbouncer_default_pool_size"], (ini, numbers)
+        rendered_clients = int(ini.get("max_client_conn", numbers["pgbouncer_max_client_conn"]))
+        assert rendered_clients == numbers["pgbouncer_max_client_conn"], (ini, numbers)
         if max_client_conn is None:
             # Rendered as exactly the app side's worst case; +1 leaves room for the harness's
             # own readiness probe, so a service that opened more would be refused.
-            max_client_conn = numbers["pgbouncer_max_client_conn"] + 1
+            max_client_conn = rendered_clients + 1
         started.append(
             PgBouncer(
                 database,
                 pool_mode=mode,  # type: ignore[arg-type]
-                default_pool_size=numbers["pgbouncer_default_pool_size"],
+                default_pool_size=default_pool_size,
                 max_client_conn=max_client_conn,
+                max_db_connections=int(ini.get("max_db_connections", 0)),
+                settings={"reserve_pool_size": ini.get("reserve_pool_size", "0")},
             ).start()
         )
         return started[-1]

@@ -11,6 +11,7 @@ process group) in ``stop()``; every wait is bounded.
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import json
 import os
@@ -131,6 +132,15 @@ class RenderedProject:
         """
         return json.loads(self.python(code).stdout)
 
+    def pgbouncer_ini(self) -> dict[str, str] | None:
+        """The [pgbouncer] section the project renders for its PgBouncer, or None."""
+        path = self.root / "deploy" / "pgbouncer" / "pgbouncer.ini"
+        if not path.exists():
+            return None
+        parser = configparser.ConfigParser(interpolation=None, allow_no_value=True, strict=False)
+        parser.read_string(path.read_text())
+        return dict(parser["pgbouncer"])
+
     def has_alembic(self) -> bool:
         return (self.root / "alembic.ini").exists()
 
@@ -177,12 +187,15 @@ class ServiceProcess:
         log_dir: Path,
         *,
         module: str | None = None,
+        argv: list[str] | None = None,
         **env: str | int,
     ) -> None:
         self.project = project
         self.application_name = application_name
         self.port = 0
         self.module = module or project.package
+        # The command after the interpreter: `-m <pkg>` (the real entry point) unless given.
+        self.argv = argv or ["-m", self.module]
         self._env = {
             "DATABASE_URL": database_url,
             "APPLICATION_NAME": application_name,
@@ -204,7 +217,7 @@ class ServiceProcess:
             self.port = free_port()
             with self.log_path.open("ab") as log:
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", self.module],
+                    [sys.executable, *self.argv],
                     cwd=self.project.root,
                     env=self.project.env(PORT=self.port, **self._env),
                     stdin=subprocess.DEVNULL,

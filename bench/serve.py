@@ -1,0 +1,43 @@
+"""Serve one bench app with the generated ``__main__``'s uvicorn settings, for all three apps.
+
+    python bench/serve.py generated|baseline
+
+Generated apps go through the same start-up checks as ``python -m <pkg>`` (the process count
+and the pool against the budget); every app gets the same uvicorn options (one worker, the
+same graceful shutdown, access log at info), so the only difference is the app itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import uvicorn
+
+
+def main() -> int:
+    kind = sys.argv[1]
+    package = os.environ["BENCH_PACKAGE"]
+    main_module = importlib.import_module(f"{package}.__main__")
+    if kind == "generated":
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        guard = importlib.import_module(f"{package}.db.guard")
+        settings = importlib.import_module(f"{package}.settings").Settings.from_env()
+        guard.check_process_count(settings)
+        guard.check_process(settings)
+    uvicorn.run(
+        f"apps:{kind}_app",
+        factory=True,
+        host="127.0.0.1",
+        port=int(os.environ["PORT"]),
+        workers=1,
+        timeout_graceful_shutdown=main_module.GRACEFUL_SHUTDOWN_SECONDS,
+        log_level="info",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
