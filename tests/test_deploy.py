@@ -389,7 +389,7 @@ EDITS = [
         "maxReplicas: 60\n",
         "deploy/k8s/hpa.yaml: spec.maxReplicas=60 -> connection budget exceeded,"
         " app -> pgbouncer: (60 replicas_max + 1 max_surge) x 1 workers_per_pod"
-        " x (2 pool_size + 2 max_overflow) = 244 > 16 max_client_conn",
+        " x (2 pool_size + 2 max_overflow) = 244 > 32 max_client_conn",
         id="pgbouncer-app-side",
     ),
     pytest.param(

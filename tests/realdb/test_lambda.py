@@ -109,12 +109,9 @@ def test_behind_pgbouncer_the_server_side_stays_within_default_pool_size(
     rendered = project("lambda-tx")
     budget = rendered.budget()
     assert budget["pgbouncer_default_pool_size"] < ENVIRONMENTS  # PgBouncer must queue
-    # Finding: max_client_conn rendered as exactly reserved concurrency x 1 refuses logins
-    # ("no more connections allowed (max_client_conn)") under NullPool churn, because PgBouncer
-    # can accept an environment's next connection before it has processed the close of the
-    # previous one. The server side is what this test is about, so PgBouncer gets room for
-    # that churn here (twice the app side, plus the harness probe).
-    pgbouncer = bouncer(rendered, max_client_conn=2 * budget["pgbouncer_max_client_conn"] + 1)
+    # The rendered max_client_conn (twice the app side) must absorb NullPool churn: PgBouncer
+    # can accept an environment's next connection before it has processed the previous close.
+    pgbouncer = bouncer(rendered)
     application = app_name("lambda-tx")
     with ActivitySampler(database, None, user=database.app_user) as server_side:
         responses, _ = run_environments(rendered, pgbouncer.dsn(driver=""), application, database)
