@@ -48,3 +48,20 @@ def jinja_leftovers(project: Path) -> list[str]:
             if JINJA_LEFTOVER.search(CLOUDFORMATION_DYNAMIC_REFERENCE.sub("", line)):
                 found.append(f"{path.relative_to(project)}:{number}: {line.strip()}")
     return found
+
+
+def copier_copy(destination: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`copier copy --defaults` as a team runs it: no --trust, HEAD of this checkout."""
+    command = [sys.executable, "-m", "copier", "copy", "--defaults", "--vcs-ref", "HEAD", *args]
+    return subprocess.run(
+        [*command, str(TEMPLATE_ROOT), str(destination)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def data_args(answers: dict) -> list[str]:
+    """The answers as copier's repeated --data options."""
+    return [arg for key, value in answers.items() for arg in ("--data", f"{key}={value}")]

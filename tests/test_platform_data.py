@@ -7,36 +7,12 @@ database; the values go through the same validators as `--data`, and `--data` st
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
-from rendering import TEMPLATE_ROOT, python, run_checked
+from rendering import TEMPLATE_ROOT, copier_copy, python, run_checked
 
 PLATFORM = TEMPLATE_ROOT / "examples" / "platform.yml"
-
-
-def copier_copy(destination: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`copier copy --defaults` as a team runs it: no --trust, HEAD of this checkout."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "copier",
-            "copy",
-            "--defaults",
-            "--vcs-ref",
-            "HEAD",
-            *args,
-            str(TEMPLATE_ROOT),
-            str(destination),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_the_example_file_answers_the_database_questions(tmp_path: Path) -> None:

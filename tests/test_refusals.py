@@ -2,36 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from cases import K8S_120, REFUSED, Refusal
-from rendering import TEMPLATE_ROOT
-
-COPIER = [sys.executable, "-m", "copier"]
-
-
-def copier_copy(answers: dict, destination: Path) -> subprocess.CompletedProcess[str]:
-    """`copier copy --defaults --data ...` as a user runs it: no --trust, HEAD of this checkout."""
-    data = [arg for key, value in answers.items() for arg in ("--data", f"{key}={value}")]
-    return subprocess.run(
-        [
-            *COPIER,
-            "copy",
-            "--defaults",
-            "--vcs-ref",
-            "HEAD",
-            *data,
-            str(TEMPLATE_ROOT),
-            str(destination),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+from rendering import TEMPLATE_ROOT, copier_copy, data_args
 
 
 @pytest.mark.parametrize("refusal", REFUSED, ids=lambda refusal: refusal.id)
@@ -49,7 +25,7 @@ def test_cli_refusal_is_the_last_line_and_writes_nothing(tmp_path: Path) -> None
     from cases import K8S_240
 
     destination = tmp_path / "refused"
-    result = copier_copy(K8S_240, destination)
+    result = copier_copy(destination, *data_args(K8S_240))
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("ValueError: Validation error for question 'other_consumers':")
@@ -60,7 +36,7 @@ def test_cli_refusal_is_the_last_line_and_writes_nothing(tmp_path: Path) -> None
 
 def test_the_same_topology_with_pool_5_plus_5_is_accepted_without_trust(tmp_path: Path) -> None:
     destination = tmp_path / "accepted"
-    result = copier_copy(K8S_120, destination)
+    result = copier_copy(destination, *data_args(K8S_120))
     assert result.returncode == 0, result.stderr[-2000:]
     topology = (destination / "src" / "poolwise_service" / "db" / "topology.py").read_text()
     assert "replicas_max=6," in topology
