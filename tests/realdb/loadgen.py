@@ -290,3 +290,12 @@ def items_mix(item_ids: list[int], *, write_every: int = 5) -> RequestFactory:
         return "GET", f"/items/{item_ids[(client * 7 + sequence) % len(item_ids)]}", None
 
     return factory
+
+
+def repeat_get(path: str) -> RequestFactory:
+    """Every request is ``GET path``."""
+
+    def factory(client: int, sequence: int) -> tuple[str, str, Any]:
+        return "GET", path, None
+
+    return factory

@@ -20,14 +20,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import copier
-from harness import free_port, pid_alive
-from loadgen import request
+from harness import PostgresCluster, free_port, pid_alive
+from loadgen import BackgroundLoad, repeat_get, request
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 30.0
@@ -429,3 +429,41 @@ def postgres_sockets(pids: list[int], server_port: int) -> dict[int, list[int]]:
                         ports.append(client_ports[target[8:-1]])
         owned[pid] = sorted(ports)
     return owned
+
+
+def seed_items(service: ServiceProcess, count: int, prefix: str) -> list[int]:
+    """Create ``count`` items (named ``<prefix>-<n>``) through the service; their ids."""
+    ids = []
+    for number in range(count):
+        status, _, body = request(service.port, "POST", "/items", {"name": f"{prefix}-{number}"})
+        assert status == 201, body
+        ids.append(body["id"])
+    return ids
+
+
+@contextlib.contextmanager
+def items_locked(database: PostgresCluster) -> Iterator[None]:
+    """A superuser transaction holds ACCESS EXCLUSIVE on items until the block ends.
+
+    Every query of the service on items blocks inside PostgreSQL meanwhile, holding its pooled
+    connection; the lock is released (rolled back) however the block ends.
+    """
+    locker = database.connect(dbname=database.app_db, autocommit=False)
+    try:
+        locker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        yield
+    finally:
+        locker.rollback()
+        locker.close()
+
+
+def held_requests(service: ServiceProcess, path: str, count: int, timeout: float) -> BackgroundLoad:
+    """``count`` concurrent ``GET path`` requests, one per client, started in the background."""
+    return BackgroundLoad(
+        service.port,
+        repeat_get(path),
+        clients=count,
+        duration=0.5,
+        max_requests=count,
+        timeout=timeout,
+    ).start()

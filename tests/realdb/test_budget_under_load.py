@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from harness import ActivitySampler, PostgresCluster
-from loadgen import items_mix, load, request
-from services import RenderedProject, ServiceProcess, postgres_sockets, wait_until
+from loadgen import items_mix, load
+from services import RenderedProject, ServiceProcess, postgres_sockets, seed_items, wait_until
 
 pytestmark = [
     pytest.mark.realdb,
@@ -27,15 +27,6 @@ pytestmark = [
 CLIENTS = 200
 SECONDS = float(os.environ.get("REALDB_LOAD_SECONDS", "10"))
 MAX_REQUESTS = 50_000  # a count bound next to the time bound
-
-
-def seed_items(service: ServiceProcess, count: int = 20) -> list[int]:
-    ids = []
-    for number in range(count):
-        status, _, body = request(service.port, "POST", "/items", {"name": f"seed-{number}"})
-        assert status == 201, body
-        ids.append(body["id"])
-    return ids
 
 
 @pytest.mark.parametrize(
@@ -57,7 +48,7 @@ def test_peak_connections_stay_within_the_budget_under_load(
     service = services(
         rendered, database.dsn(driver=""), app_name(f"load-{name}"), WEB_CONCURRENCY=workers
     )
-    ids = seed_items(service)
+    ids = seed_items(service, 20, "seed")
 
     with ActivitySampler(database, service.application_name) as sampler:
         result = load(
@@ -99,7 +90,7 @@ def test_every_worker_has_its_own_backend(
         pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
     assert len(workers) == 2, children
-    ids = seed_items(service, 5)
+    ids = seed_items(service, 5, "seed")
     # Enough concurrent requests that both workers take some (the kernel spreads accepts).
     for _ in range(10):  # bounded
         load(service.port, items_mix(ids), clients=40, duration=2, max_requests=400)

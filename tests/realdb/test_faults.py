@@ -9,12 +9,14 @@ after the fault (plus a short settling slack) must succeed. The service is never
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import pytest
 from harness import PgBouncer, PostgresCluster
 from loadgen import BackgroundLoad, LoadResult, items_mix, load, request
-from services import RenderedProject, ServiceProcess
+from services import RenderedProject, ServiceProcess, seed_items
 
 pytestmark = [
     pytest.mark.realdb,
@@ -27,14 +29,24 @@ SETTLE_S = 1.0  # after the fault has ended, time allowed before every request m
 KINDS = pytest.mark.parametrize("name", ["sync", "async"], ids=["k8s-sync", "k8s-async"])
 
 
-def seed(service: ServiceProcess) -> list[int]:
-    return [
-        request(service.port, "POST", "/items", {"name": f"fault-{n}"})[2]["id"] for n in range(5)
-    ]
+@dataclass
+class FaultWindow:
+    """When the fault began and ended, and every request of the load around it."""
+
+    began: float
+    ended: float = field(init=False)
+    result: LoadResult = field(init=False)  # set once the load has stopped
 
 
-def background(service: ServiceProcess, ids: list[int]) -> BackgroundLoad:
-    return BackgroundLoad(
+@contextmanager
+def fault_under_load(
+    service: ServiceProcess, ids: list[int], *, after: float
+) -> Iterator[FaultWindow]:
+    """The with-block injects the fault into a running load; the window times it.
+
+    The load runs 2 s before the block; it is stopped ``after`` seconds after the block.
+    """
+    running = BackgroundLoad(
         service.port,
         items_mix(ids),
         clients=CLIENTS,
@@ -42,12 +54,17 @@ def background(service: ServiceProcess, ids: list[int]) -> BackgroundLoad:
         max_requests=100_000,
         timeout=15,
     ).start()
+    time.sleep(2)
+    window = FaultWindow(began=time.monotonic())
+    yield window
+    window.ended = time.monotonic()
+    time.sleep(after)
+    window.result = running.stop(30)
 
 
-def assert_confined(
-    result: LoadResult, began: float, ended: float, service: ServiceProcess
-) -> None:
+def assert_confined(window: FaultWindow, service: ServiceProcess) -> None:
     """Failures only overlap [began, ended + SETTLE_S]; the service serves before and after."""
+    result, began, ended = window.result, window.began, window.ended
     outside = [r for r in result.failed() if r.end < began or r.start > ended + SETTLE_S]
     assert outside == [], [(r.status, r.start - began, r.error, r.body[:200]) for r in outside[:5]]
     before = [r for r in result.records if r.end < began]
@@ -66,23 +83,18 @@ def test_terminated_backends_are_replaced_by_pre_ping(
     app_name: Callable[[str], str],
 ) -> None:
     service = services(project(name), database.dsn(driver=""), app_name(f"kill-{name}"))
-    ids = seed(service)
+    ids = seed_items(service, 5, "fault")
 
     # Mid-run: every backend of the service is killed while requests are in flight.
-    running = background(service, ids)
-    time.sleep(2)
-    began = time.monotonic()
-    killed = database.terminate_backends(service.application_name)
-    ended = time.monotonic()
-    time.sleep(2)
-    result = running.stop(30)
-    print(f"{name}: killed {killed} mid-run; {result.summary()}")
+    with fault_under_load(service, ids, after=2) as window:
+        killed = database.terminate_backends(service.application_name)
+    print(f"{name}: killed {killed} mid-run; {window.result.summary()}")
     assert killed >= 1
     # Only requests that were using a connection at that moment may fail, each at most once.
-    failed = result.failed()
+    failed = window.result.failed()
     assert len(failed) <= killed, [(r.status, r.body[:200]) for r in failed]
-    assert all(r.start <= ended for r in failed)
-    assert_confined(result, began, ended, service)
+    assert all(r.start <= window.ended for r in failed)
+    assert_confined(window, service)
 
     # Idle: the pool is full of connections the server has killed; pre_ping must notice every
     # one of them at checkout, so not a single request fails.
@@ -105,16 +117,12 @@ def test_postgres_restart_is_survived(
     app_name: Callable[[str], str],
 ) -> None:
     service = services(project(name), database.dsn(driver=""), app_name(f"restart-{name}"))
-    ids = seed(service)
-    running = background(service, ids)
-    time.sleep(2)
-    began = time.monotonic()
-    database.restart()  # pg_ctl restart -m fast; returns once PostgreSQL accepts connections
-    ended = time.monotonic()
-    time.sleep(SETTLE_S + 2.5)
-    result = running.stop(30)
-    print(f"{name}: restart took {ended - began:.1f}s; {result.summary()}")
-    assert_confined(result, began, ended, service)
+    ids = seed_items(service, 5, "fault")
+    with fault_under_load(service, ids, after=SETTLE_S + 2.5) as window:
+        database.restart()  # pg_ctl restart -m fast; returns once PostgreSQL accepts connections
+    took = window.ended - window.began
+    print(f"{name}: restart took {took:.1f}s; {window.result.summary()}")
+    assert_confined(window, service)
     assert request(service.port, "GET", "/readyz")[0] == 200
 
 
@@ -132,14 +140,10 @@ def test_pgbouncer_restart_is_survived(
     rendered = project(name)
     pgbouncer = bouncer(rendered)
     service = services(rendered, pgbouncer.dsn(driver=""), app_name(f"bouncer-{name}"))
-    ids = seed(service)
-    running = background(service, ids)
-    time.sleep(2)
-    began = time.monotonic()
-    pgbouncer.restart()  # SIGTERM (immediate shutdown), then a new process on the same port
-    ended = time.monotonic()
-    time.sleep(SETTLE_S + 2.5)
-    result = running.stop(30)
-    print(f"{name}: PgBouncer restart took {ended - began:.1f}s; {result.summary()}")
-    assert_confined(result, began, ended, service)
+    ids = seed_items(service, 5, "fault")
+    with fault_under_load(service, ids, after=SETTLE_S + 2.5) as window:
+        pgbouncer.restart()  # SIGTERM (immediate shutdown), then a new process on the same port
+    took = window.ended - window.began
+    print(f"{name}: PgBouncer restart took {took:.1f}s; {window.result.summary()}")
+    assert_confined(window, service)
     assert request(service.port, "GET", "/readyz")[0] == 200

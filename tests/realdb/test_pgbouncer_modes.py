@@ -15,8 +15,8 @@ import copier
 import psycopg
 import pytest
 from harness import ActivitySampler, PgBouncer, PostgresCluster
-from loadgen import items_mix, load, request
-from services import REPO_ROOT, RenderedProject, ServiceProcess
+from loadgen import items_mix, load
+from services import REPO_ROOT, RenderedProject, ServiceProcess, seed_items
 
 pytestmark = [
     pytest.mark.realdb,
@@ -50,9 +50,7 @@ def test_500_concurrent_requests_without_prepared_statement_errors(
     budget = rendered.budget()
     pgbouncer = bouncer(rendered)
     service = services(rendered, pgbouncer.dsn(driver=""), app_name(f"pgb-{name}"))
-    ids = [
-        request(service.port, "POST", "/items", {"name": f"pgb-{n}"})[2]["id"] for n in range(10)
-    ]
+    ids = seed_items(service, 10, "pgb")
 
     with (
         ActivitySampler(database, service.application_name) as by_name,

@@ -14,8 +14,15 @@ from collections.abc import Callable
 
 import pytest
 from harness import ActivitySampler, PostgresCluster
-from loadgen import BackgroundLoad, load, request
-from services import RenderedProject, ServiceProcess, wait_until
+from loadgen import load, repeat_get, request
+from services import (
+    RenderedProject,
+    ServiceProcess,
+    held_requests,
+    items_locked,
+    seed_items,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.realdb,
@@ -39,23 +46,13 @@ def test_saturated_pool_answers_503_fast_and_recovers(
     service = services(
         rendered, database.dsn(driver=""), app_name(f"sat-{name}"), WEB_CONCURRENCY=1
     )
-    status, _, item = request(service.port, "POST", "/items", {"name": "contended"})
-    assert status == 201
-    path = f"/items/{item['id']}"
+    [item] = seed_items(service, 1, "contended")
+    path = f"/items/{item}"
 
     with ActivitySampler(database, service.application_name) as sampler:
-        locker = database.connect(dbname=database.app_db, autocommit=False)
-        try:
-            locker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        with items_locked(database):
             # Exactly enough slow requests to hold every connection of the pool.
-            held = BackgroundLoad(
-                service.port,
-                lambda client, n: ("GET", path, None),
-                clients=capacity,
-                duration=0.5,
-                max_requests=capacity,
-                timeout=60,
-            ).start()
+            held = held_requests(service, path, capacity, timeout=60)
             assert wait_until(
                 lambda: database.connections(service.application_name) == capacity, 15
             )
@@ -63,7 +60,7 @@ def test_saturated_pool_answers_503_fast_and_recovers(
             # The pool is saturated: every new request gets 503 within pool_timeout + 1 s.
             extra = load(
                 service.port,
-                lambda client, n: ("GET", path, None),
+                repeat_get(path),
                 clients=20,
                 duration=0.5,
                 max_requests=20,
@@ -77,9 +74,6 @@ def test_saturated_pool_answers_503_fast_and_recovers(
             assert {r.retry_after for r in extra.records} == {str(pool_timeout)}
             # Liveness does not touch the database and stays up meanwhile.
             assert request(service.port, "GET", "/healthz", timeout=2)[0] == 200
-        finally:
-            locker.rollback()
-            locker.close()
         released = time.monotonic()
         held_result = held.join(30)
         assert held_result.statuses == {200: capacity}, held_result.summary()
@@ -88,7 +82,7 @@ def test_saturated_pool_answers_503_fast_and_recovers(
 
         after = load(
             service.port,
-            lambda client, n: ("GET", path, None),
+            repeat_get(path),
             clients=20,
             duration=3,
             max_requests=300,

@@ -17,8 +17,15 @@ from pathlib import Path
 
 import pytest
 from harness import ActivitySampler, PostgresCluster
-from loadgen import BackgroundLoad, request
-from services import RenderedProject, ServiceProcess, run_job, wait_until
+from services import (
+    RenderedProject,
+    ServiceProcess,
+    held_requests,
+    items_locked,
+    run_job,
+    seed_items,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.realdb,
@@ -52,24 +59,14 @@ def test_sigterm_drains_in_flight_requests_and_closes_every_connection(
     service = services(
         rendered, database.dsn(driver=""), app_name(f"term-{name}"), WEB_CONCURRENCY=workers
     )
-    status, _, item = request(service.port, "POST", "/items", {"name": "in-flight"})
-    assert status == 201
-    path = f"/items/{item['id']}"
+    [item] = seed_items(service, 1, "in-flight")
+    path = f"/items/{item}"
     in_flight = 8
     log_offset = database.log_offset()
 
-    locker = database.connect(dbname=database.app_db, autocommit=False)
-    try:
+    with items_locked(database):
         # Requests that are inside PostgreSQL (blocked on a lock) when SIGTERM arrives.
-        locker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
-        held = BackgroundLoad(
-            service.port,
-            lambda client, n: ("GET", path, None),
-            clients=in_flight,
-            duration=0.5,
-            max_requests=in_flight,
-            timeout=grace + 10,
-        ).start()
+        held = held_requests(service, path, in_flight, timeout=grace + 10)
         assert wait_until(
             lambda: database.connections(service.application_name) >= in_flight, 15
         ), database.backends(service.application_name)
@@ -77,9 +74,6 @@ def test_sigterm_drains_in_flight_requests_and_closes_every_connection(
         signalled = time.monotonic()
         time.sleep(1.5)  # the requests are still running: the process must wait for them
         assert service.proc is not None and service.proc.poll() is None, service.log()[-2000:]
-    finally:
-        locker.rollback()
-        locker.close()
 
     result = held.join(grace + 15)
     exit_code = service.wait(grace + 10)
@@ -184,15 +178,31 @@ def batch(project: Callable[[str], RenderedProject], realdb_dir: Path) -> Render
     return project("batch")
 
 
-def test_batch_job_success_disposes_everything(
+@pytest.fixture
+def batch_job(
     batch: RenderedProject,
     database: PostgresCluster,
-    job_items: str,
     app_name: Callable[[str], str],
     realdb_dir: Path,
+) -> Callable[..., tuple[int, float, int, str]]:
+    """`run_batch` for the batch project, under a fresh application_name with this prefix."""
+
+    def run(prefix: str, *, sigterm_after: float | None = None) -> tuple[int, float, int, str]:
+        return run_batch(
+            batch, database, app_name(prefix), realdb_dir / "logs", sigterm_after=sigterm_after
+        )
+
+    return run
+
+
+def test_batch_job_success_disposes_everything(
+    batch: RenderedProject,
+    batch_job: Callable[..., tuple[int, float, int, str]],
+    database: PostgresCluster,
+    job_items: str,
 ) -> None:
     budget = batch.budget()
-    exit_code, _, peak, log = run_batch(batch, database, app_name("job-ok"), realdb_dir / "logs")
+    exit_code, _, peak, log = batch_job("job-ok")
     assert exit_code == 0, log[-3000:]
     assert processed(database, job_items) == JOB_ITEMS
     # BATCH_PROCESSES=2 NullPool processes: at most one connection each, as budgeted.
@@ -200,18 +210,16 @@ def test_batch_job_success_disposes_everything(
 
 
 def test_batch_job_exception_disposes_everything(
-    batch: RenderedProject,
+    batch_job: Callable[..., tuple[int, float, int, str]],
     database: PostgresCluster,
     job_items: str,
-    app_name: Callable[[str], str],
-    realdb_dir: Path,
 ) -> None:
     # One poisoned row makes its shard's UPDATE fail halfway through the job.
     add_trigger(
         database,
         f"IF NEW.name = '{job_items}{JOB_ITEMS // 2}' THEN RAISE EXCEPTION 'poisoned row'; END IF;",
     )
-    exit_code, _, _, log = run_batch(batch, database, app_name("job-err"), realdb_dir / "logs")
+    exit_code, _, _, log = batch_job("job-err")
     assert exit_code != 0
     assert "poisoned row" in log
     done = processed(database, job_items)
@@ -220,18 +228,14 @@ def test_batch_job_exception_disposes_everything(
 
 
 def test_batch_job_sigterm_disposes_everything(
-    batch: RenderedProject,
+    batch_job: Callable[..., tuple[int, float, int, str]],
     database: PostgresCluster,
     job_items: str,
-    app_name: Callable[[str], str],
-    realdb_dir: Path,
 ) -> None:
     # 5 ms per row keeps each 100-row batch transaction busy for ~0.5 s: SIGTERM lands while
     # both processes are inside a transaction.
     add_trigger(database, "PERFORM pg_sleep(0.005);")
-    exit_code, took, _, log = run_batch(
-        batch, database, app_name("job-term"), realdb_dir / "logs", sigterm_after=1.0
-    )
+    exit_code, took, _, log = batch_job("job-term", sigterm_after=1.0)
     print(f"batch SIGTERM: exit {exit_code} {took:.2f}s after the signal")
     assert exit_code == 128 + signal.SIGTERM, log[-3000:]
     assert took < 5, "the job did not stop promptly on SIGTERM"
