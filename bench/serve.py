@@ -10,7 +10,6 @@ same graceful shutdown, access log at info), so the only difference is the app i
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import sys
 
@@ -22,11 +21,12 @@ def main() -> int:
     package = os.environ["BENCH_PACKAGE"]
     main_module = importlib.import_module(f"{package}.__main__")
     if kind == "generated":
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        # The same start-up as the generated __main__: its logging and its budget refusals.
+        importlib.import_module(f"{package}.logs").configure_logging()
         guard = importlib.import_module(f"{package}.db.guard")
         settings = importlib.import_module(f"{package}.settings").Settings.from_env()
         guard.check_process_count(settings)
-        guard.check_process(settings)
+        guard.check_pool(settings)
     uvicorn.run(
         f"apps:{kind}_app",
         factory=True,
