@@ -35,7 +35,8 @@ def generated_app() -> FastAPI:
     app = importlib.import_module(f"{package}.app").create_app()
     session_dep = importlib.import_module(f"{package}.dependencies").SessionDep
     router = APIRouter()
-    if importlib.import_module(f"{package}.db.topology").RENDERED_DEPLOYMENT.target == "k8s-async":
+    declared = importlib.import_module(f"{package}.db.budget").load_declared()
+    if declared["service"]["target"] == "k8s-async":
 
         @router.get("/work")
         async def work_async(session: session_dep, ms: int = 20) -> dict[str, bool]:

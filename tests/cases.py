@@ -81,8 +81,9 @@ SUPPORTED = [
     ),
 ]
 
-# The pinned pair: 6 replicas x 2 workers x (10 + 10) = 240 > 200; with 5 + 5 it fits.
-K8S_240 = {
+# The pinned pair: 6 replicas + 1 pod terminating in a rollout (no surge, so maxUnavailable 1),
+# x 2 workers x (10 + 10) = 280 > 200; with 5 + 5 it fits.
+K8S_OVER = {
     "target": "k8s-sync",
     "replicas_max": 6,
     "max_surge": 0,
@@ -93,15 +94,16 @@ K8S_240 = {
     "db_reserved_connections": 0,
     "other_consumers": 0,
 }
-K8S_120 = {**K8S_240, "pool_size": 5, "max_overflow": 5}
+K8S_FITS = {**K8S_OVER, "pool_size": 5, "max_overflow": 5}
 
 REFUSED = [
     Refusal(
-        "k8s-240-connections",
-        K8S_240,
+        "k8s-280-connections",
+        K8S_OVER,
         "other_consumers",
-        "(6 replicas_max + 0 max_surge) x 2 workers_per_pod x (10 pool_size + 10 max_overflow)"
-        " = 240 + 1 migration = 241 > 200 available (db_max_connections 200",
+        "(6 replicas_max + 0 max_surge + 1 terminating) x 2 workers_per_pod"
+        " x (10 pool_size + 10 max_overflow) = 280 + 1 migration = 281 > 200 available"
+        " (db_max_connections 200",
     ),
     Refusal(
         "lambda-reserved-concurrency-past-budget",

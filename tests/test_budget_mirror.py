@@ -1,7 +1,7 @@
 """The copier validators and the rendered db/budget.py are one rule: same verdicts, same totals.
 
 For thousands of generated answer sets this renders what copier renders (the computed values of
-copier.yml, the rendered db/topology.py and db/database_limits.toml) and compares budget.py's
+copier.yml, the rendered db/topology.toml and db/database_limits.toml) and compares budget.py's
 checks with includes/budget.jinja's, line for line.
 """
 
@@ -81,23 +81,13 @@ def answer_context(answers: dict[str, Any]) -> dict[str, Any]:
     return context
 
 
-def rendered_deployment(context: dict[str, Any]):
+def rendered_topology(context: dict[str, Any]):
+    """What budget.py sees: the rendered db/topology.toml and db/database_limits.toml."""
     budget = budget_module()
-    source = (PACKAGE_DIR / "topology.py.jinja").read_text()
-    code = render(source, context).replace("from .budget import Deployment", "")
-    namespace = {"Deployment": budget.Deployment}
-    exec(compile(code, "topology.py", "exec"), namespace)
+    declared = tomllib.loads(render((PACKAGE_DIR / "topology.toml.jinja").read_text(), context))
     limits_text = render((PACKAGE_DIR / "database_limits.toml.jinja").read_text(), context)
     limits = tomllib.loads(limits_text)["database"]
-    return namespace["RENDERED_DEPLOYMENT"], budget.DatabaseLimits(**_limits_fields(limits))
-
-
-def _limits_fields(limits: dict[str, int]) -> dict[str, int]:
-    return {
-        "max_connections": limits["max_connections"],
-        "reserved_connections": limits["reserved_connections"],
-        "other_consumers": limits["other_consumers"],
-    }
+    return budget.declared_topology(declared), budget.DatabaseLimits(**limits)
 
 
 def validator(macro: str, context: dict[str, Any]) -> str:
@@ -111,6 +101,7 @@ answer_sets = st.fixed_dictionaries(
     {
         "target": st.sampled_from(["k8s-sync", "k8s-async", "lambda", "batch"]),
         "pooler": st.sampled_from(["none", "pgbouncer", "rds-proxy"]),
+        "pgbouncer_pool_mode": st.sampled_from(["transaction", "session"]),
         "replicas_max": st.integers(1, 60),
         "max_surge": st.integers(0, 6),
         "workers_per_pod": st.integers(1, 8),
@@ -136,25 +127,25 @@ answer_sets = st.fixed_dictionaries(
 def test_validator_accepts_exactly_what_budget_py_accepts(answers: dict[str, Any]) -> None:
     budget = budget_module()
     context = answer_context(answers)
-    deployment, limits = rendered_deployment(context)
+    topology, limits = rendered_topology(context)
 
-    failure = budget.first_failure(deployment, limits)
+    failure = budget.first_failure(topology, limits)
     assert validator("budget_error", context) == (failure.message() if failure else "")
-    lines = [check.line() for check in budget.checks(deployment, limits)]
+    lines = [check.line() for check in budget.checks(topology, limits)]
     assert validator("budget_lines", context).split("\n") == lines
     assert (
-        int(validator("database_total", context)) == budget.database_check(deployment, limits).total
+        int(validator("database_total", context)) == budget.database_check(topology, limits).total
     )
-    assert int(validator("app_total", context)) == deployment.app_total
-    assert context["budget_worst_case"] == budget.database_check(deployment, limits).total
+    assert int(validator("app_total", context)) == topology.app_total
+    assert context["budget_worst_case"] == budget.database_check(topology, limits).total
 
 
-def test_the_pinned_240_case_is_refused_by_both() -> None:
-    from cases import K8S_240
+def test_the_pinned_280_case_is_refused_by_both() -> None:
+    from cases import K8S_OVER
 
-    context = answer_context(K8S_240)
-    deployment, limits = rendered_deployment(context)
-    failure = budget_module().first_failure(deployment, limits)
+    context = answer_context(K8S_OVER)
+    topology, limits = rendered_topology(context)
+    failure = budget_module().first_failure(topology, limits)
     assert failure is not None
-    assert failure.total == 241
+    assert failure.total == 281
     assert validator("budget_error", context) == failure.message()

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cases import K8S_120, REFUSED, Refusal
+from cases import K8S_FITS, REFUSED, Refusal
 from rendering import TEMPLATE_ROOT, copier_copy, data_args
 
 
@@ -22,25 +22,25 @@ def test_refused_answers_name_the_value_the_rule_and_the_fix(copie, refusal: Ref
 
 
 def test_cli_refusal_is_the_last_line_and_writes_nothing(tmp_path: Path) -> None:
-    from cases import K8S_240
+    from cases import K8S_OVER
 
     destination = tmp_path / "refused"
-    result = copier_copy(destination, *data_args(K8S_240))
+    result = copier_copy(destination, *data_args(K8S_OVER))
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("ValueError: Validation error for question 'other_consumers':")
-    assert "= 240 + 1 migration = 241 > 200 available" in last_line
-    assert "Fix: at 12 processes pool_size + max_overflow must be <= 16" in last_line
+    assert "= 280 + 1 migration = 281 > 200 available" in last_line
+    assert "Fix: at 14 processes pool_size + max_overflow must be <= 14" in last_line
     assert not destination.exists() or not any(destination.iterdir())
 
 
 def test_the_same_topology_with_pool_5_plus_5_is_accepted_without_trust(tmp_path: Path) -> None:
     destination = tmp_path / "accepted"
-    result = copier_copy(destination, *data_args(K8S_120))
+    result = copier_copy(destination, *data_args(K8S_FITS))
     assert result.returncode == 0, result.stderr[-2000:]
-    topology = (destination / "src" / "poolwise_service" / "db" / "topology.py").read_text()
-    assert "replicas_max=6," in topology
-    assert "pool_size=5," in topology
+    topology = (destination / "src" / "poolwise_service" / "db" / "topology.toml").read_text()
+    assert "replicas_max = 6\n" in topology
+    assert "pool_size = 5\n" in topology
 
 
 def test_every_stdlib_module_of_this_python_is_a_refused_package_name() -> None:

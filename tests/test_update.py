@@ -36,6 +36,8 @@ PACKAGE = "poolwise_service"
 # What the template needs to render; the rest of the repository is not part of a release.
 TEMPLATE_PATHS = ["copier.yml", "includes", "template", "hooks"]
 CONFLICT_START = "<<<<<<< before updating"
+# main at the 0.1.0 release: services generated from it must update to this checkout.
+RELEASE_0_1_0 = "639afbe"
 
 ENGINE = f"src/{PACKAGE}/db/engine.py"
 ENGINE_FIX = "CONNECT_TIMEOUT_SECONDS = 2"
@@ -162,8 +164,8 @@ def tree(project: Path) -> dict[str, bytes]:
 # ------------------------------------------------------------------------- the template's releases
 
 
-def release_1_0(repo: Path) -> None:
-    """This checkout's template files, uncommitted and untracked ones included, as v1.0.0."""
+def copy_working_tree(repo: Path) -> None:
+    """This checkout's template files, uncommitted and untracked ones included, into repo."""
     listed = git(
         TEMPLATE_ROOT,
         "ls-files",
@@ -179,6 +181,11 @@ def release_1_0(repo: Path) -> None:
         if source.is_file():  # deleted but not yet committed files are listed too
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, repo / name)
+
+
+def release_1_0(repo: Path) -> None:
+    """This checkout's template files as v1.0.0."""
+    copy_working_tree(repo)
     git(repo, "init", "--quiet", "--initial-branch=main")
     commit(repo, "poolwise 1.0.0", tag="v1.0.0")
 
@@ -226,6 +233,36 @@ def template_1_2(template_1_1: Path, tmp_path_factory: pytest.TempPathFactory) -
     return repo
 
 
+@pytest.fixture(scope="module")
+def template_0_1_0_and_this(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real 0.1.0 release (main at RELEASE_0_1_0) as v0.1.0, this checkout as v0.2.0."""
+    found = sh(["git", "cat-file", "-e", f"{RELEASE_0_1_0}^{{commit}}"], TEMPLATE_ROOT, False)
+    assert found.returncode == 0, (
+        f"commit {RELEASE_0_1_0} (release 0.1.0) is not in this clone's history; clone the"
+        " repository with its history (not --depth 1) to run the update tests"
+    )
+    repo = tmp_path_factory.mktemp("poolwise-0.1.0") / "poolwise"
+    repo.mkdir()
+    subprocess.run(
+        f"git archive --format=tar {RELEASE_0_1_0} {' '.join(TEMPLATE_PATHS)} | tar -x -C {repo}",
+        shell=True,
+        cwd=TEMPLATE_ROOT,
+        check=True,
+        timeout=120,
+    )
+    git(repo, "init", "--quiet", "--initial-branch=main")
+    commit(repo, "poolwise 0.1.0", tag="v0.1.0")
+    for name in TEMPLATE_PATHS:
+        path = repo / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    copy_working_tree(repo)
+    commit(repo, "poolwise 0.2.0", tag="v0.2.0")
+    return repo
+
+
 # ----------------------------------------------------------------------------- a generated service
 
 
@@ -256,8 +293,11 @@ def team_edits(project: Path) -> None:
         package / "app.py", replace_once(r"^router = APIRouter\(\)\n", r"\g<0>" + VERSION_ENDPOINT)
     )
     (project / "tests" / "test_version.py").write_text(VERSION_TEST)
+    # A smaller pool is declared in db/topology.toml and deployed in the ConfigMap, together.
+    edit(package / "db" / "topology.toml", replace_once(r"^pool_size = 5$", "pool_size = 4"))
     edit(
-        package / "settings.py", replace_once(r"^    pool_size: int = 5$", "    pool_size: int = 4")
+        project / "deploy" / "k8s" / "configmap.yaml",
+        replace_once(r'^  POOL_SIZE: "5"$', '  POOL_SIZE: "4"'),
     )
     edit(
         project / OLD_TEST,
@@ -274,7 +314,8 @@ def assert_team_edits_kept(project: Path, engine_profile_test: str = OLD_TEST) -
     package = project / "src" / PACKAGE
     assert '@router.get("/version")' in (package / "app.py").read_text()
     assert (project / "tests" / "test_version.py").read_text() == VERSION_TEST
-    assert "    pool_size: int = 4\n" in (package / "settings.py").read_text()
+    assert "\npool_size = 4\n" in (package / "db" / "topology.toml").read_text()
+    assert '  POOL_SIZE: "4"\n' in (project / "deploy" / "k8s" / "configmap.yaml").read_text()
     assert "    assert pool.size() == 4\n" in (project / engine_profile_test).read_text()
     assert NEW_DEPENDENCY in (project / "pyproject.toml").read_text()
 
@@ -349,13 +390,13 @@ def test_an_answer_that_breaks_the_budget_is_refused_like_at_copy_time(
 ) -> None:
     # The budget's factors are pinned here, so the message below does not follow the defaults.
     topology = ("replicas_max=3", "max_surge=1", "pool_size=5", "max_overflow=5")
-    limits = ("db_max_connections=100", "db_reserved_connections=3", "other_consumers=40")
+    limits = ("db_max_connections=110", "db_reserved_connections=3", "other_consumers=40")
     project = generate(template_1_1, tmp_path / "orders", *topology, *limits)
     before = tree(project)
     head = git(project, "rev-parse", "HEAD")
 
-    # 8 workers: (3 + 1) pods x 8 x (5 + 5) = 320 > 57. 2 workers: 81 > 57, but it would fit
-    # the 97 connections left if the recorded other_consumers=40 were lost on the way.
+    # Pods: 3 + 1 surge + 1 terminating. 8 workers: 5 x 8 x (5 + 5) = 400 > 67. 2 workers:
+    # 101 > 67, but it would fit the 107 left if the recorded other_consumers=40 were lost.
     for workers in ("8", "2"):
         update = copier(
             "update", "--defaults", "--data", f"workers_per_pod={workers}", cwd=project, check=False
@@ -378,7 +419,8 @@ def test_an_answer_that_breaks_the_budget_is_refused_like_at_copy_time(
         assert last_line(update) == last_line(copy)
         assert last_line(update).startswith(
             "ValueError: Validation error for question 'other_consumers': connection budget"
-            f" exceeded, app -> database: (3 replicas_max + 1 max_surge) x {workers}"
+            " exceeded, app -> database: (3 replicas_max + 1 max_surge + 1 terminating)"
+            f" x {workers}"
             " workers_per_pod x (5 pool_size + 5 max_overflow)"
         )
         assert "- other_consumers 40)" in last_line(update)
@@ -392,7 +434,8 @@ def test_an_answer_that_breaks_the_budget_is_refused_like_at_copy_time(
     )
     answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
     assert (answers["other_consumers"], answers["pool_size"]) == (40, 4)
-    assert "    pool_size: int = 4\n" in (project / "src" / PACKAGE / "settings.py").read_text()
+    declared = (project / "src" / PACKAGE / "db" / "topology.toml").read_text()
+    assert "\npool_size = 4\n" in declared
     assert_project_checks_pass(project)
 
 
@@ -448,7 +491,7 @@ def test_the_platform_team_rolls_out_new_limits_with_its_data_file(
     assert "max_connections = 400\n" in limits.read_text()
     before = tree(project)
 
-    # Another service moved onto the database: 370 others leave 27, this service needs 41.
+    # Another service moved onto the database: 370 others leave 27, this service needs 51.
     crowded = tmp_path / "platform-crowded.yml"
     crowded.write_text(
         re.sub(r"(?m)^other_consumers: \d+$", "other_consumers: 370", platform.read_text())
@@ -482,3 +525,41 @@ def test_the_platform_team_rolls_out_new_limits_with_its_data_file(
         yaml.safe_load((project / ".copier-answers.yml").read_text())["db_max_connections"] == 800
     )
     assert_release_1_1_arrived(project)
+
+
+def test_a_service_generated_from_0_1_0_updates_to_this_release(
+    template_0_1_0_and_this: Path, tmp_path: Path
+) -> None:
+    template = template_0_1_0_and_this
+    project = tmp_path / "orders"
+    copier("copy", "--defaults", "--vcs-ref", "v0.1.0", str(template), str(project), cwd=tmp_path)
+    git(project, "init", "--quiet", "--initial-branch=main")
+    commit(project, "generated by poolwise 0.1.0")
+    package = project / "src" / PACKAGE
+    assert (package / "db" / "topology.py").is_file()
+    # What teams did on 0.1.0: an endpoint, a dependency, a smaller pool in the ConfigMap.
+    edit(
+        package / "app.py", replace_once(r"^router = APIRouter\(\)\n", r"\g<0>" + VERSION_ENDPOINT)
+    )
+    (project / "tests" / "test_version.py").write_text(VERSION_TEST)
+    edit(
+        project / "pyproject.toml",
+        replace_once(r"^dependencies = \[\n", rf"\g<0>    {NEW_DEPENDENCY}\n"),
+    )
+    configmap = project / "deploy" / "k8s" / "configmap.yaml"
+    edit(configmap, replace_once(r'^  POOL_SIZE: "5"$', '  POOL_SIZE: "4"'))
+    commit(project, "our endpoint, orjson, a smaller pool")
+
+    result = copier("update", "--defaults", cwd=project)
+
+    assert "Updating to template version 0.2.0" in result.stderr
+    assert unmerged(project) == []
+    # The rendered snapshot (Python) is replaced by data and the loader of deploy/.
+    assert not (package / "db" / "topology.py").exists()
+    assert "\npool_size = 5\n" in (package / "db" / "topology.toml").read_text()
+    assert (package / "db" / "deployed.py").is_file()
+    assert '@router.get("/version")' in (package / "app.py").read_text()
+    assert NEW_DEPENDENCY in (project / "pyproject.toml").read_text()
+    assert '  POOL_SIZE: "4"\n' in configmap.read_text()
+    assert "minReadySeconds: 30" in (project / "deploy" / "k8s" / "deployment.yaml").read_text()
+    assert_project_checks_pass(project)

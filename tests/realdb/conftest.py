@@ -84,9 +84,9 @@ def _require(*, pgbouncer: bool) -> None:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresCluster]:
-    """A private PostgreSQL cluster (max_connections=40) shared by the session."""
+    """A private PostgreSQL cluster (max_connections=60) shared by the session."""
     _require(pgbouncer=False)
-    with PostgresCluster(max_connections=40) as cluster:
+    with PostgresCluster(max_connections=60) as cluster:
         yield cluster
 
 
@@ -116,10 +116,11 @@ def realdb_binaries() -> None:
 
 # --------------------------------------------------------------------------- rendered services
 
-# Every rendered project is sized for the throwaway cluster above: max_connections 40 with
-# PostgreSQL's default 3 superuser slots, and one replica with no surge, so the budget that
-# db/budget.py computes is the budget of exactly the processes a test starts.
-DATABASE_ANSWERS = {"db_max_connections": 40, "db_reserved_connections": 3}
+# Every rendered project is sized for the throwaway cluster above: max_connections 60 with
+# PostgreSQL's default 3 superuser slots, and one replica with no surge. The rendered budget also
+# counts a rollout's terminating pod; RenderedProject.budget() gives the budget of exactly the
+# processes a test starts (one pod, no rollout).
+DATABASE_ANSWERS = {"db_max_connections": 60, "db_reserved_connections": 3}
 K8S_ANSWERS = {"replicas_max": 1, "max_surge": 0}
 
 PROJECTS: dict[str, dict[str, Any]] = {
@@ -202,7 +203,7 @@ def quiet_database(database: PostgresCluster) -> Iterator[PostgresCluster]:
     """Start each test with no connections of the application role left over.
 
     Idle server connections that a session-scoped PgBouncer keeps (up to its default_pool_size,
-    for 10 minutes) would otherwise eat into max_connections=40 and into counts by role.
+    for 10 minutes) would otherwise eat into max_connections=60 and into counts by role.
     PgBouncer drops a terminated idle server connection and dials a new one when needed.
     """
 

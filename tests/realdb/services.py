@@ -99,26 +99,30 @@ class RenderedProject:
             raise RuntimeError(f"snippet failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def budget(self, **deployment_overrides: int) -> dict[str, Any]:
-        """The project's own db/budget.py numbers for its rendered topology (with overrides).
+    def budget(self, **workload_overrides: int) -> dict[str, Any]:
+        """The project's own db/budget.py numbers for the one pod the harness runs.
 
-        ``per_process``, ``processes``, ``app_total`` and the ``database_total`` that
-        ``database_check`` computes (migration connection included), plus the pgbouncer knobs.
+        The declared topology (db/topology.toml) with one pod and no rollout (nothing is
+        terminating), plus overrides of its workload's fields: ``per_process``, ``processes``,
+        ``app_total`` and the ``database_total`` that ``database_check`` computes (migration
+        connection included), plus the pgbouncer knobs.
         """
         code = f"""
             import dataclasses, json
-            from {self.package}.db.budget import database_check, load_limits
-            from {self.package}.db.topology import RENDERED_DEPLOYMENT
-            deployment = dataclasses.replace(RENDERED_DEPLOYMENT, **{deployment_overrides!r})
+            from {self.package}.db import budget
+            declared = budget.declared_topology(budget.load_declared())
+            overrides = {{"terminating": 0, **{workload_overrides!r}}}
+            workload = dataclasses.replace(declared.workloads[0], **overrides)
+            topology = dataclasses.replace(declared, workloads=(workload,))
             print(json.dumps({{
-                "per_process": deployment.per_process,
-                "processes": deployment.processes,
-                "app_total": deployment.app_total,
-                "database_total": database_check(deployment, load_limits()).total,
-                "pgbouncer_default_pool_size": deployment.pgbouncer_default_pool_size,
-                "pgbouncer_max_client_conn": deployment.pgbouncer_max_client_conn,
-                "pool_size": deployment.pool_size,
-                "max_overflow": deployment.max_overflow,
+                "per_process": workload.per_process,
+                "processes": workload.processes,
+                "app_total": topology.app_total,
+                "database_total": budget.database_check(topology, budget.load_limits()).total,
+                "pgbouncer_default_pool_size": topology.pgbouncer_default_pool_size,
+                "pgbouncer_max_client_conn": topology.pgbouncer_max_client_conn,
+                "pool_size": workload.pool_size,
+                "max_overflow": workload.max_overflow,
             }}))
         """
         return json.loads(self.python(code).stdout)

@@ -44,7 +44,7 @@ def held() -> Iterator[ExitStack]:
 def test_cluster_starts_and_dsn_is_a_working_sqlalchemy_url(postgres: PostgresCluster) -> None:
     assert postgres.host == "127.0.0.1"
     assert postgres.dsn() == f"postgresql+psycopg://app:secret@127.0.0.1:{postgres.port}/app"
-    assert postgres.psql("SHOW max_connections") == [("40",)]
+    assert postgres.psql("SHOW max_connections") == [("60",)]
     assert postgres.psql("SHOW listen_addresses") == [("127.0.0.1",)]
     engine = sa.create_engine(postgres.dsn(), poolclass=sa.pool.NullPool)
     try:

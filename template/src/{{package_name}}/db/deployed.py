@@ -32,6 +32,10 @@ SAM_TEMPLATE = "deploy/lambda/template.yaml"
 RDS_PROXY_TEMPLATE = "deploy/rds-proxy/template.yaml"
 PGBOUNCER_INI = "deploy/pgbouncer/pgbouncer.ini"
 MIGRATION_CONTAINER = "migrate"
+# copier's record of the answers, database limits included (copier.yml _answers_file).
+ANSWERS_FILE = ".copier-answers.yml"
+# The rendered PgBouncer Deployment: one instance, Recreate (budget.Topology counts one).
+PGBOUNCER_DECLARED = {"replicas_max": 1, "max_surge": 0}
 WORKLOAD_KINDS = ("Deployment", "CronJob", "Job")
 UNCOUNTED_KINDS = ("StatefulSet", "DaemonSet", "ReplicaSet", "Pod", "ReplicationController")
 # Environment variables that multiply into the budget, and the rule each one is checked against.
@@ -111,7 +115,8 @@ class Reading:
         lines = list(self.findings)
         driver = budget.driver_error(self.topology)
         if driver:
-            lines.append(driver)
+            mode = next((item for item in self.inputs if item.name == "pgbouncer_pool_mode"), None)
+            lines.append(f"{mode.source}={mode.value}: {driver}" if mode else driver)
         for check in budget.failures(self.topology, self.limits):
             lines.append(f"{changed} -> {check.message()}" if changed else check.message())
         return lines
@@ -361,6 +366,21 @@ def _origin(doc: dict[str, Any], variant: str) -> str:
     name = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
     suffix = f", changed by {', '.join(by)}" if by else ""
     return f"{where} ({name}{suffix})"
+
+
+def _generated_from(root: Path, doc: dict[str, Any], key: str) -> str | None:
+    """The file a configMapGenerator read a ConfigMap's key from, with the generator."""
+    annotations = doc.get("metadata", {}).get("annotations", {}) or {}
+    origin = _yaml().safe_load(annotations.get("config.kubernetes.io/origin", "") or "") or {}
+    if (origin.get("configuredBy") or {}).get("kind") != "ConfigMapGenerator":
+        return None
+    kustomization = PurePosixPath(_project_relative(str(origin.get("configuredIn", ""))))
+    for generator in _kustomization(root / kustomization.parent).get("configMapGenerator", []):
+        for item in generator.get("files", []) or []:
+            name, _, file = str(item).rpartition("=")
+            if (name or PurePosixPath(file).name) == key:
+                return f"{(kustomization.parent / file).as_posix()} (via {kustomization})"
+    return None
 
 
 def _project_relative(path: str) -> str:
@@ -754,7 +774,8 @@ class _KubernetesReader:
             text, where = _read_text(self.project, PGBOUNCER_INI), PGBOUNCER_INI
         else:
             text = ini["data"]["pgbouncer.ini"]
-            where = f"{_origin(ini, self.variant)}: data.pgbouncer.ini"
+            generated = _generated_from(self.project.root, ini, "pgbouncer.ini")
+            where = generated or f"{_origin(ini, self.variant)}: data.pgbouncer.ini"
         settings = pgbouncer_settings(text, where, self.inputs, self.project, self.findings)
         instances = 0
         for doc in documents:
@@ -804,7 +825,7 @@ def pods_at_once(
     origin = _origin(doc, variant)
     spec = doc.get("spec", {}) or {}
     name = doc["metadata"]["name"]
-    declared = project.declared.get("processes", {}) if not prefix else {}
+    declared = project.declared.get("processes", {}) if not prefix else PGBOUNCER_DECLARED
     hpa = hpas.get(("Deployment", name))
     if hpa is not None:
         source = f"{_origin(hpa, variant)}: spec.maxReplicas"
@@ -921,12 +942,16 @@ def _limits_inputs(project: Project, inputs: list[Input]) -> budget.DatabaseLimi
     if not path.exists():
         raise Unreadable(f"{project.limits_file} is missing -> the budget needs it; restore it")
     limits = budget.load_limits(path)
+    # The limits the project was generated with (copier's answers), to say which number moved.
+    answers = project.root / ANSWERS_FILE
+    generated = (_yaml().safe_load(answers.read_text()) if answers.exists() else None) or {}
     for name, field_name, value in (
         ("db_max_connections", "max_connections", limits.max_connections),
         ("db_reserved_connections", "reserved_connections", limits.reserved_connections),
         ("other_consumers", "other_consumers", limits.other_consumers),
     ):
-        inputs.append(Input(name, value, f"{project.limits_file}: database.{field_name}"))
+        source = f"{project.limits_file}: database.{field_name}"
+        inputs.append(Input(name, value, source, generated.get(name)))
     return limits
 
 
