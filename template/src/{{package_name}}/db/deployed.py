@@ -376,6 +376,8 @@ def _generated_from(root: Path, doc: dict[str, Any], key: str) -> str | None:
         return None
     kustomization = PurePosixPath(_project_relative(str(origin.get("configuredIn", ""))))
     for generator in _kustomization(root / kustomization.parent).get("configMapGenerator", []):
+        if str(generator.get("name")) not in str(doc.get("metadata", {}).get("name")):
+            continue
         for item in generator.get("files", []) or []:
             name, _, file = str(item).rpartition("=")
             if (name or PurePosixPath(file).name) == key:
@@ -944,7 +946,8 @@ def _limits_inputs(project: Project, inputs: list[Input]) -> budget.DatabaseLimi
     limits = budget.load_limits(path)
     # The limits the project was generated with (copier's answers), to say which number moved.
     answers = project.root / ANSWERS_FILE
-    generated = (_yaml().safe_load(answers.read_text()) if answers.exists() else None) or {}
+    generated = _yaml().safe_load(answers.read_text()) if answers.exists() else None
+    generated = generated if isinstance(generated, dict) else {}
     for name, field_name, value in (
         ("db_max_connections", "max_connections", limits.max_connections),
         ("db_reserved_connections", "reserved_connections", limits.reserved_connections),
