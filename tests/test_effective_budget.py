@@ -276,20 +276,30 @@ def second_sam_function(project: Path) -> None:
     replace_once(project, SAM, marker, function + marker)
 
 
-def second_batch_workload(workload_file: str) -> Callable[[Path], None]:
-    """A copy of the CronJob (or Job) under another name, running 60 pods at once."""
+def second_batch_workload(workload_file: str, parallelism: int = 60) -> Callable[[Path], None]:
+    """A copy of the CronJob (or Job) under another name, with more pods at once."""
 
     def apply(project: Path) -> None:
         document = load(project, f"{BASE}/{workload_file}")
         document["metadata"]["name"] = f"{APP}-backfill"
-        job = document["spec"]["jobTemplate"]["spec"] if document["kind"] == "CronJob" else (
-            document["spec"]
+        job = (
+            document["spec"]["jobTemplate"]["spec"]
+            if document["kind"] == "CronJob"
+            else (document["spec"])
         )
-        job["parallelism"] = 60
+        job["parallelism"] = parallelism
         dump(project, f"{BASE}/backfill.yaml", document)
         add_resource(project, BASE, "backfill.yaml")
 
     return apply
+
+
+def backfill_replaces_its_last_run(project: Path) -> None:
+    edit(
+        project,
+        f"{BASE}/backfill.yaml",
+        lambda cronjob: cronjob["spec"].update(concurrencyPolicy="Replace"),
+    )
 
 
 def no_hpa_and_replicas(count: int) -> Callable[[Path], None]:
@@ -389,7 +399,482 @@ class Row:
 
 
 ROWS = [
-    Row("placeholder", "k8s-sync", patch_hpa_in_base, "over", ()),
+    # 1. A kustomize patch in the base raises the HPA.
+    Row(
+        "patch-raises-hpa-max-replicas",
+        "k8s-sync",
+        patch_hpa_in_base,
+        "over",
+        (
+            "deploy/k8s/hpa.yaml (HorizontalPodAutoscaler/poolwise-service, changed by"
+            " deploy/k8s/kustomization.yaml): spec.maxReplicas=60 -> connection budget exceeded,"
+            " app -> database: Deployment/poolwise-service: (60 replicas_max + 1 max_surge"
+            " + 1 terminating) x 1 workers_per_pod x (5 pool_size + 5 max_overflow) = 620",
+        ),
+        restore=True,
+    ),
+    Row(
+        "patch-raises-hpa-max-replicas-async",
+        "k8s-async",
+        patch_hpa_in_base,
+        "over",
+        (
+            "deploy/k8s/hpa.yaml (HorizontalPodAutoscaler/poolwise-service, changed by"
+            " deploy/k8s/kustomization.yaml): spec.maxReplicas=60 -> connection budget exceeded",
+            "(60 replicas_max + 1 max_surge + 1 terminating) x 1 workers_per_pod"
+            " x (8 pool_size + 8 max_overflow) = 992",
+        ),
+    ),
+    # 2. An overlay the base does not know about is a variant of its own; the base still fits.
+    Row(
+        "overlay-patch-and-configmap-merge",
+        "k8s-sync",
+        add_prod_overlay,
+        "over",
+        (
+            "deploy/k8s/configmap.yaml (ConfigMap/poolwise-service-config, changed by"
+            " deploy/overlays/prod/kustomization.yaml): data.POOL_SIZE=3;"
+            " deploy/k8s/hpa.yaml (HorizontalPodAutoscaler/poolwise-service, changed by"
+            " deploy/overlays/prod/kustomization.yaml): spec.maxReplicas=30 -> connection budget"
+            " exceeded, app -> database: Deployment/poolwise-service: (30 replicas_max"
+            " + 1 max_surge + 1 terminating) x 1 workers_per_pod x (3 pool_size + 5 max_overflow)"
+            " = 256",
+        ),
+        variant=OVERLAY,
+        restore=True,
+    ),
+    # 3. A replicas: entry sets spec.replicas above the HPA's maxReplicas.
+    Row(
+        "replicas-entry-above-hpa",
+        "k8s-sync",
+        replicas_entry(30),
+        "over",
+        (
+            "deploy/k8s/deployment.yaml (Deployment/poolwise-service, changed by"
+            " deploy/k8s/kustomization.yaml): spec.replicas=30 -> more pods than"
+            " deploy/k8s/hpa.yaml (HorizontalPodAutoscaler/poolwise-service, changed by"
+            " deploy/k8s/kustomization.yaml): spec.maxReplicas=3",
+        ),
+    ),
+    # 4. Every Deployment running the image counts, each with its own pools.
+    Row(
+        "second-deployment-is-summed",
+        "k8s-sync",
+        add_worker_deployment,
+        "over",
+        (
+            "deploy/k8s/worker.yaml (Deployment/poolwise-service-worker): spec.replicas=20;",
+            "[Deployment/poolwise-service: (3 replicas_max + 1 max_surge + 1 terminating)"
+            " x 1 workers_per_pod x (5 pool_size + 5 max_overflow) = 50]"
+            " + [Deployment/poolwise-service-worker: (20 replicas_max + 5 max_surge"
+            " + 20 terminating) x 1 workers_per_pod x (5 pool_size + 5 max_overflow) = 450]"
+            " = 500 + 1 migration = 501 > 97 available",
+        ),
+    ),
+    # 5. A sidecar placed first: the app container is found by name, the sidecar not counted.
+    Row(
+        "sidecar-first-is-not-the-app",
+        "k8s-sync",
+        sidecar_first("deployment.yaml"),
+        "fits",
+        (
+            "[ok] app -> database: Deployment/poolwise-service: (3 replicas_max + 1 max_surge"
+            " + 1 terminating) x 1 workers_per_pod x (5 pool_size + 5 max_overflow) = 50"
+            " + 1 migration = 51 <= 97",
+        ),
+    ),
+    Row(
+        "sidecar-first-is-not-the-batch-job",
+        "batch-cronjob",
+        sidecar_first("cronjob.yaml"),
+        "fits",
+        (
+            "[ok] app -> database: CronJob/poolwise-service: 1 concurrent runs"
+            " x 2 batch_parallelism x 1 batch_processes x 1 (NullPool) = 2 + 1 migration = 3",
+        ),
+    ),
+    # 6. env valueFrom.configMapKeyRef is read from the ConfigMap it names.
+    Row(
+        "pool-size-from-config-map-key-ref",
+        "k8s-sync",
+        pool_size_from_another_configmap,
+        "over",
+        (
+            "deploy/k8s/pool-configmap.yaml (ConfigMap/poolwise-service-pool): data.POOL_SIZE=50"
+            " and deploy/k8s/configmap.yaml (ConfigMap/poolwise-service-config):"
+            " data.POOL_MAX_OVERFLOW=5 -> 55 connections per process",
+            "deploy/k8s/pool-configmap.yaml (ConfigMap/poolwise-service-pool): data.POOL_SIZE=50"
+            " -> connection budget exceeded, app -> database:",
+        ),
+    ),
+    Row(
+        "pool-size-from-config-map-key-ref-behind-pgbouncer",
+        "pgbouncer-tx",
+        pool_size_from_another_configmap,
+        "over",
+        (
+            "deploy/k8s/pool-configmap.yaml (ConfigMap/poolwise-service-pool): data.POOL_SIZE=50"
+            " and deploy/k8s/configmap.yaml (ConfigMap/poolwise-service-config):"
+            " data.POOL_MAX_OVERFLOW=2 -> 52 connections per process",
+            "data.POOL_SIZE=50 -> connection budget exceeded, app -> pgbouncer:",
+        ),
+    ),
+    # 7. --workers in the container's command multiplies like WEB_CONCURRENCY.
+    Row(
+        "workers-in-command",
+        "k8s-sync",
+        workers_in_command(f"{PACKAGE}.app:create_app"),
+        "over",
+        (
+            "deploy/k8s/deployment.yaml (Deployment/poolwise-service):"
+            " spec.template.spec.containers[0].command/args --workers=8 -> more worker processes"
+            " than src/poolwise_service/db/topology.toml declares (workers_per_pod = 1)",
+            "--workers=8 -> connection budget exceeded, app -> database:"
+            " Deployment/poolwise-service: (3 replicas_max + 1 max_surge + 1 terminating)"
+            " x 8 workers_per_pod",
+        ),
+    ),
+    Row(
+        "workers-in-command-async",
+        "k8s-async",
+        workers_in_command(f"{PACKAGE}.app:create_app"),
+        "over",
+        (
+            "deploy/k8s/deployment.yaml (Deployment/poolwise-service):"
+            " spec.template.spec.containers[0].command/args --workers=8 -> more worker processes",
+        ),
+    ),
+    # 8. Every PgBouncer instance opens its own server pool.
+    Row(
+        "hpa-on-pgbouncer",
+        "pgbouncer-tx",
+        hpa_on_pgbouncer,
+        "over",
+        (
+            "deploy/pgbouncer/hpa.yaml (HorizontalPodAutoscaler/poolwise-service-pgbouncer):"
+            " spec.maxReplicas=5 -> connection budget exceeded, pgbouncer -> database:"
+            " 5 pgbouncer instances x (20 default_pool_size x 1 database x 1 user"
+            " + 0 reserve_pool_size) = 100 + 1 migration = 101 > 97 available",
+        ),
+    ),
+    # 9. Every SAM function running the image counts.
+    Row(
+        "second-sam-function",
+        "lambda",
+        second_sam_function,
+        "over",
+        (
+            "deploy/lambda/template.yaml: Resources.WorkerFunction.Properties"
+            ".ReservedConcurrentExecutions=200 -> connection budget exceeded, app -> database:"
+            " [Function/ServiceFunction: 10 lambda_reserved_concurrency x 1 (NullPool) = 10]"
+            " + [Function/WorkerFunction: 200 lambda_reserved_concurrency x 1 (NullPool) = 200]"
+            " = 210 + 1 migration = 211 > 97 available",
+        ),
+        variant=SAM,
+        restore=True,
+    ),
+    Row(
+        "second-sam-function-behind-pgbouncer",
+        "lambda-pgbouncer-pool",
+        second_sam_function,
+        "over",
+        (
+            "deploy/lambda/template.yaml: Resources.WorkerFunction.Properties"
+            ".ReservedConcurrentExecutions=200 -> connection budget exceeded, app -> pgbouncer:",
+            "[Function/WorkerFunction: 200 lambda_reserved_concurrency"
+            " x (1 pool_size + 0 max_overflow) = 200] = 210 > 20 max_client_conn",
+        ),
+        variant=SAM,
+    ),
+    # 10. Every CronJob and Job running the image counts. With NullPool a second CronJob of 60
+    # pods still fits 97 (2 + 60 + 1 migration); as Replace it counts two runs and does not.
+    Row(
+        "second-cronjob-is-summed",
+        "batch-cronjob",
+        second_batch_workload("cronjob.yaml"),
+        "fits",
+        (
+            "[ok] app -> database: [CronJob/poolwise-service: 1 concurrent runs"
+            " x 2 batch_parallelism x 1 batch_processes x 1 (NullPool) = 2]"
+            " + [CronJob/poolwise-service-backfill: 1 concurrent runs x 60 batch_parallelism"
+            " x 1 batch_processes x 1 (NullPool) = 60] = 62 + 1 migration = 63 <= 97",
+        ),
+    ),
+    Row(
+        "second-cronjob-replace-is-over",
+        "batch-cronjob",
+        both(second_batch_workload("cronjob.yaml"), backfill_replaces_its_last_run),
+        "over",
+        (
+            "deploy/k8s/backfill.yaml (CronJob/poolwise-service-backfill):"
+            " spec.concurrencyPolicy=Replace; deploy/k8s/backfill.yaml"
+            " (CronJob/poolwise-service-backfill): spec.jobTemplate.spec.parallelism=60"
+            " -> connection budget exceeded, app -> database:",
+            "[CronJob/poolwise-service-backfill: 2 concurrent runs x 60 batch_parallelism"
+            " x 1 batch_processes x 1 (NullPool) = 120] = 122 + 1 migration = 123 > 97",
+        ),
+    ),
+    Row(
+        "second-job-is-summed-and-over",
+        "batch-job",
+        second_batch_workload("job.yaml", parallelism=100),
+        "over",
+        (
+            "deploy/k8s/backfill.yaml (Job/poolwise-service-backfill): spec.parallelism=100"
+            " -> connection budget exceeded, app -> database: [Job/poolwise-service:",
+            "= 102 + 1 migration = 103 > 97 available",
+        ),
+    ),
+    # 11. Without an HPA spec.replicas is the count: a formula, never a crash.
+    Row(
+        "no-hpa-replicas-30",
+        "k8s-sync",
+        no_hpa_and_replicas(30),
+        "over",
+        (
+            "deploy/k8s/deployment.yaml (Deployment/poolwise-service): spec.replicas=30 ->"
+            " connection budget exceeded, app -> database: Deployment/poolwise-service:"
+            " (30 replicas_max + 1 max_surge + 1 terminating) x 1 workers_per_pod"
+            " x (5 pool_size + 5 max_overflow) = 320 + 1 migration = 321 > 97",
+        ),
+        restore=True,
+    ),
+    Row(
+        "no-hpa-replicas-30-async",
+        "k8s-async",
+        no_hpa_and_replicas(30),
+        "over",
+        ("deploy/k8s/deployment.yaml (Deployment/poolwise-service): spec.replicas=30 ->",),
+    ),
+    Row(
+        "no-hpa-replicas-2",
+        "k8s-sync",
+        no_hpa_and_replicas(2),
+        "fits",
+        (
+            "(2 replicas_max + 1 max_surge + 1 terminating) x 1 workers_per_pod"
+            " x (5 pool_size + 5 max_overflow) = 40 + 1 migration = 41 <= 97",
+            "replicas_max = 2  (deploy/k8s/deployment.yaml (Deployment/poolwise-service):"
+            " spec.replicas, declared 3)",
+        ),
+    ),
+    # 12. A missing ConfigMap is one line naming the envFrom reference.
+    Row(
+        "configmap-deleted",
+        "k8s-sync",
+        delete_configmap,
+        "unreadable",
+        (
+            "deploy/k8s/deployment.yaml (Deployment/poolwise-service):"
+            " spec.template.spec.containers[0].envFrom[0].configMapRef.name="
+            "poolwise-service-config -> no ConfigMap of that name is in the build; add it to the"
+            " kustomization or fix the name",
+        ),
+        restore=True,
+    ),
+    Row(
+        "configmap-deleted-batch",
+        "batch-cronjob",
+        delete_configmap,
+        "unreadable",
+        (
+            "deploy/k8s/cronjob.yaml (CronJob/poolwise-service):"
+            " spec.jobTemplate.spec.template.spec.containers[0].envFrom[0].configMapRef.name="
+            "poolwise-service-config -> no ConfigMap of that name is in the build",
+        ),
+    ),
+    # 13. A file of two YAML documents: both are read.
+    Row(
+        "service-in-deployment-file",
+        "k8s-sync",
+        two_documents_in_one_file("deployment.yaml", "service.yaml"),
+        "fits",
+        ("= 50 + 1 migration = 51 <= 97",),
+    ),
+    Row(
+        "hpa-in-deployment-file",
+        "k8s-sync",
+        two_documents_in_one_file("deployment.yaml", "hpa.yaml"),
+        "fits",
+        (
+            "replicas_max = 3  (deploy/k8s/deployment.yaml"
+            " (HorizontalPodAutoscaler/poolwise-service): spec.maxReplicas)",
+        ),
+    ),
+    Row(
+        "configmap-in-cronjob-file",
+        "batch-cronjob",
+        two_documents_in_one_file("cronjob.yaml", "configmap.yaml"),
+        "fits",
+        (
+            "batch_processes = 1  (deploy/k8s/cronjob.yaml (ConfigMap/poolwise-service-config):"
+            " data.BATCH_PROCESSES)",
+        ),
+    ),
+    # 14. A pool SQLAlchemy reads as unbounded.
+    Row(
+        "pool-below-minimum",
+        "k8s-sync",
+        pool_below_minimum,
+        "over",
+        (
+            "deploy/k8s/configmap.yaml (ConfigMap/poolwise-service-config): data.POOL_SIZE=0"
+            " -> pool_size must be >= 1; SQLAlchemy reads smaller values as an unbounded pool",
+            "deploy/k8s/configmap.yaml (ConfigMap/poolwise-service-config):"
+            " data.POOL_MAX_OVERFLOW=-1 -> max_overflow must be >= 0",
+        ),
+    ),
+    Row(
+        "pool-below-minimum-lambda",
+        "lambda-pgbouncer-pool",
+        sam_pool_below_minimum,
+        "over",
+        (
+            "deploy/lambda/template.yaml: Resources.ServiceFunction.Properties.Environment"
+            ".Variables.POOL_SIZE=0 -> pool_size must be >= 1",
+            "deploy/lambda/template.yaml: Resources.ServiceFunction.Properties.Environment"
+            ".Variables.POOL_MAX_OVERFLOW=-1 -> max_overflow must be >= 0",
+        ),
+        variant=SAM,
+    ),
+    # 15. Batch numbers below their minimum.
+    Row(
+        "batch-below-minimum-cronjob",
+        "batch-cronjob",
+        batch_below_minimum,
+        "over",
+        (
+            "deploy/k8s/configmap.yaml (ConfigMap/poolwise-service-config): data.BATCH_SIZE=0"
+            " -> batch_size must be >= 1; fix BATCH_SIZE",
+            "deploy/k8s/configmap.yaml (ConfigMap/poolwise-service-config):"
+            " data.BATCH_PROCESSES=0 -> batch_processes must be >= 1; fix BATCH_PROCESSES",
+        ),
+    ),
+    Row(
+        "batch-below-minimum-job",
+        "batch-job",
+        batch_below_minimum,
+        "over",
+        (
+            "data.BATCH_SIZE=0 -> batch_size must be >= 1",
+            "data.BATCH_PROCESSES=0 -> batch_processes must be >= 1",
+        ),
+    ),
+    # 16. Session mode pins a server connection per client connection.
+    Row(
+        "session-mode-hpa-10",
+        "pgbouncer-session",
+        hpa_max_replicas(10),
+        "over",
+        (
+            "deploy/k8s/hpa.yaml (HorizontalPodAutoscaler/poolwise-service): spec.maxReplicas=10"
+            " -> connection budget exceeded, app -> pgbouncer: Deployment/poolwise-service:"
+            " (10 replicas_max + 1 max_surge + 1 terminating) x 1 workers_per_pod"
+            " x (2 pool_size + 2 max_overflow) = 48 > 40 max_client_conn",
+            "spec.maxReplicas=10 -> connection budget exceeded, app -> pgbouncer session pool:"
+            " Deployment/poolwise-service: (10 replicas_max + 1 max_surge + 1 terminating)"
+            " x 1 workers_per_pod x (2 pool_size + 2 max_overflow) = 48 > 20 server connections",
+        ),
+    ),
+    # 17. asyncpg cannot run behind transaction mode.
+    Row(
+        "asyncpg-behind-transaction-mode",
+        "asyncpg-pgbouncer-session",
+        pgbouncer_transaction_mode,
+        "over",
+        (
+            "deploy/pgbouncer/pgbouncer.ini (via deploy/pgbouncer/kustomization.yaml) [pgbouncer]"
+            " pool_mode=transaction: asyncpg behind PgBouncer pool_mode=transaction -> asyncpg"
+            " prepares statements on the server",
+        ),
+    ),
+    # 18. Without minReadySeconds every old pod may still hold its pool during a rollout.
+    Row(
+        "no-min-ready-seconds",
+        "k8s-sync",
+        no_min_ready_seconds,
+        "fits",
+        (
+            "(3 replicas_max + 1 max_surge + 3 terminating) x 1 workers_per_pod"
+            " x (5 pool_size + 5 max_overflow) = 70 + 1 migration = 71 <= 97",
+            "terminating = 3  (deploy/k8s/deployment.yaml (Deployment/poolwise-service): every"
+            " old pod (spec.minReadySeconds 0 < terminationGracePeriodSeconds 30",
+        ),
+    ),
+    # 19. A rolling PgBouncer runs its surge pod next to the old one.
+    Row(
+        "pgbouncer-rolling-update",
+        "pgbouncer-tx",
+        pgbouncer_rolling_update,
+        "fits",
+        (
+            "[ok] pgbouncer -> database: 3 pgbouncer instances x (20 default_pool_size"
+            " x 1 database x 1 user + 0 reserve_pool_size) = 60 + 1 migration = 61 <= 97",
+            "pgbouncer_max_surge = 1  (deploy/pgbouncer/deployment.yaml"
+            " (Deployment/poolwise-service-pgbouncer): spec.strategy.rollingUpdate.maxSurge,"
+            " declared 0)",
+        ),
+    ),
+    Row(
+        "pgbouncer-rolling-update-past-a-smaller-database",
+        "pgbouncer-tx",
+        both(pgbouncer_rolling_update, other_consumers(40)),
+        "over",
+        (
+            "deploy/pgbouncer/deployment.yaml (Deployment/poolwise-service-pgbouncer):"
+            " spec.strategy.rollingUpdate.maxSurge=1;"
+            " src/poolwise_service/db/database_limits.toml: database.other_consumers=40"
+            " -> connection budget exceeded, pgbouncer -> database: 3 pgbouncer instances",
+        ),
+    ),
+    # 20. The platform's limits shrink.
+    Row(
+        "other-consumers-80",
+        "k8s-sync",
+        other_consumers(80),
+        "over",
+        (
+            "src/poolwise_service/db/database_limits.toml: database.other_consumers=80 ->"
+            " connection budget exceeded, app -> database: Deployment/poolwise-service:"
+            " (3 replicas_max + 1 max_surge + 1 terminating) x 1 workers_per_pod"
+            " x (5 pool_size + 5 max_overflow) = 50 + 1 migration = 51 > 17 available",
+        ),
+        restore=True,
+    ),
+    Row(
+        "other-consumers-80-pgbouncer",
+        "pgbouncer-tx",
+        other_consumers(80),
+        "over",
+        (
+            "src/poolwise_service/db/database_limits.toml: database.other_consumers=80 ->"
+            " connection budget exceeded, pgbouncer -> database: 20 default_pool_size",
+        ),
+    ),
+    Row(
+        "other-consumers-90-lambda",
+        "lambda",
+        other_consumers(90),
+        "over",
+        (
+            "src/poolwise_service/db/database_limits.toml: database.other_consumers=90 ->"
+            " connection budget exceeded, app -> database: Function/ServiceFunction:"
+            " 10 lambda_reserved_concurrency x 1 (NullPool) = 10 + 1 migration = 11 > 7",
+        ),
+        variant=SAM,
+    ),
+    Row(
+        "other-consumers-95-batch-job",
+        "batch-job",
+        other_consumers(95),
+        "over",
+        (
+            "src/poolwise_service/db/database_limits.toml: database.other_consumers=95 ->"
+            " connection budget exceeded, app -> database: Job/poolwise-service:"
+            " 1 concurrent runs x 2 batch_parallelism x 1 batch_processes x 1 (NullPool) = 2"
+            " + 1 migration = 3 > 2",
+        ),
+    ),
 ]
 
 
@@ -436,10 +921,13 @@ def in_project(
     )
 
 
-def budget_test(project: Path, path: str | None = None) -> subprocess.CompletedProcess[str]:
-    """The generated budget test; -rA lists every test's outcome by id."""
+def budget_test(
+    project: Path, path: str | None = None, verbose: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """The generated budget test; -rA lists every outcome (-v: with the test's id) and reason."""
+    flags = ["-v"] if verbose else ["-q"]
     return in_project(
-        project, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", BUDGET_TEST, path=path
+        project, "-m", "pytest", *flags, "-rA", "-p", "no:cacheprovider", BUDGET_TEST, path=path
     )
 
 
@@ -454,23 +942,29 @@ def restore(project: Path, pristine: Path) -> None:
     shutil.copy(pristine / LIMITS, project / LIMITS)
 
 
-def check(project: Path, row: Row) -> tuple[str, str]:
+def check(project: Path, row: Row) -> None:
+    """Both readers give the row's verdict; the fragments are in both outputs (fits: the CLI's)."""
     tested, command = budget_test(project), budget_command(project)
     test_output = tested.stdout + tested.stderr
     command_output = command.stdout + command.stderr
-    shown = f"--- pytest:\n{test_output[-5000:]}\n--- CLI:\n{command_output[-5000:]}"
+    shown = f"--- pytest:\n{test_output[-6000:]}\n--- CLI:\n{command_output[-6000:]}"
     assert (tested.returncode, command.returncode) == VERDICTS[row.verdict], shown
     if row.verdict == "fits":
         assert f"PASSED {FITS_TEST}[{row.variant}]" in test_output, shown
         assert "FAILED" not in test_output and "SKIPPED" not in test_output, shown
+        assert command.stderr == "", shown
         for fragment in row.fragments:
             assert fragment in command_output, shown
-    else:
-        assert f"FAILED {FITS_TEST}[{row.variant}]" in test_output, shown
-        for fragment in row.fragments:
-            assert fragment in test_output, shown
-            assert fragment in command_output, shown
-    return test_output, command_output
+        return
+    assert f"FAILED {FITS_TEST}[{row.variant}]" in test_output, shown
+    for fragment in row.fragments:
+        assert fragment in test_output, shown
+        assert fragment in command_output, shown
+    # The first fragment is the start of what the CLI says first: the release notes' line.
+    problems = command.stderr.splitlines()
+    assert problems and row.fragments[0] in problems[0], shown
+    if row.verdict == "unreadable":
+        assert len(problems) == 1, shown
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda row: row.id)
@@ -487,3 +981,52 @@ def test_an_edit_of_deploy_is_judged_by_what_it_applies(
         tested, command = budget_test(project), budget_command(project)
         assert tested.returncode == 0, tested.stdout[-3000:]
         assert command.returncode == 0, command.stdout[-3000:] + command.stderr[-3000:]
+
+
+def test_without_kustomize_an_overlay_is_skipped_never_passed_and_the_base_still_checked(
+    rendered: Callable[[str], Path], tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    shutil.copytree(rendered("k8s-sync"), project)
+    add_prod_overlay(project)
+    # A PATH with this interpreter and git (pytest-copie needs it to load), without kubectl.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    git = shutil.which("git")
+    assert git is not None
+    (bin_dir / "git").symlink_to(git)
+    path = str(bin_dir)
+    assert shutil.which("kubectl", path=path) is None
+    assert shutil.which("kustomize", path=path) is None
+    overlay_test = f"{FITS_TEST}[{OVERLAY}]"
+    base_test = f"{FITS_TEST}[{BASE}]"
+    missing = f"{OVERLAY}: building it needs kustomize (`kubectl kustomize` or `kustomize build`)"
+
+    tested = budget_test(project, path=path, verbose=True)
+    shown = tested.stdout[-6000:] + tested.stderr[-3000:]
+    assert tested.returncode == 0, shown
+    assert f"{overlay_test} SKIPPED" in tested.stdout, shown
+    assert f"{overlay_test} PASSED" not in tested.stdout, shown
+    assert any(
+        line.startswith("SKIPPED") and missing in line for line in tested.stdout.splitlines()
+    ), shown
+    # The base is read from its files: what they say is checked, and marked as not built.
+    assert f"{base_test} SKIPPED" in tested.stdout, shown
+    assert f"{BASE}: building it needs kustomize" in tested.stdout, shown
+    assert "read the files without kustomize" in tested.stdout, shown
+    command = budget_command(project, path=path)
+    assert command.returncode == 2, command.stdout + command.stderr
+    assert f"cannot read {OVERLAY}: {missing}" in command.stderr, command.stderr
+
+    # Past the budget, the base fails without kustomize; the overlay is still only skipped.
+    hpa_max_replicas(60)(project)
+    tested = budget_test(project, path=path, verbose=True)
+    shown = tested.stdout[-6000:] + tested.stderr[-3000:]
+    assert tested.returncode == 1, shown
+    assert f"FAILED {base_test}" in tested.stdout, shown
+    assert (
+        "deploy/k8s/hpa.yaml (HorizontalPodAutoscaler/poolwise-service): spec.maxReplicas=60"
+        " -> connection budget exceeded" in tested.stdout
+    ), shown
+    assert f"{overlay_test} SKIPPED" in tested.stdout, shown

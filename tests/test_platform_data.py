@@ -28,8 +28,8 @@ def test_the_example_file_answers_the_database_questions(tmp_path: Path) -> None
     limits = (project / "src" / "poolwise_service" / "db" / "database_limits.toml").read_text()
     assert f"max_connections = {platform['db_max_connections']}\n" in limits
     assert f"other_consumers = {platform['other_consumers']}\n" in limits
-    settings = (project / "src" / "poolwise_service" / "settings.py").read_text()
-    assert f"pool_recycle: int = {platform['pool_recycle']}\n" in settings
+    declared = (project / "src" / "poolwise_service" / "db" / "topology.toml").read_text()
+    assert f"\npool_recycle = {platform['pool_recycle']}\n" in declared
     available = (
         platform["db_max_connections"]
         - platform["db_reserved_connections"]

@@ -31,13 +31,26 @@ def test_defaults_give_a_k8s_sync_service_with_the_guide_profile(render) -> None
     assert (package / "app.py").is_file()
     assert not (package / "handler.py").exists()
     assert not (package / "job.py").exists()
-    settings = (package / "settings.py").read_text()
-    for line in ("pool_size: int = 5", "max_overflow: int = 5", "pool_timeout: int = 5"):
-        assert line in settings
-    assert "pool_recycle: int = 1800" in settings
+    declared = (package / "db" / "topology.toml").read_text()
+    for line in ("pool_size = 5", "max_overflow = 5", "pool_timeout = 5", "pool_recycle = 1800"):
+        assert f"\n{line}\n" in declared
+    # Settings take their defaults from the declared topology, not from numbers of their own.
+    script = (
+        "from poolwise_service.settings import Settings; s = Settings();"
+        " print(s.pool_size, s.max_overflow, s.pool_timeout, s.pool_recycle)"
+    )
+    assert run_checked(python("-c", script), project / "src").split() == ["5", "5", "5", "1800"]
 
 
 def test_budget_cli_prints_the_rendered_table(render) -> None:
     project = render({"target": "lambda", "lambda_reserved_concurrency": 20})
     output = run_checked(python("-m", "poolwise_service.db.budget"), project / "src")
-    assert "[ok] app -> database: 20 lambda_reserved_concurrency x 1 (NullPool) = 20" in output
+    # Run inside the service, the command reads deploy/ and names what it read.
+    assert (
+        "[ok] app -> database: Function/ServiceFunction: 20 lambda_reserved_concurrency"
+        " x 1 (NullPool) = 20"
+    ) in output
+    assert (
+        "lambda_reserved_concurrency = 20  (deploy/lambda/template.yaml:"
+        " Resources.ServiceFunction.Properties.ReservedConcurrentExecutions)"
+    ) in output
