@@ -54,8 +54,8 @@ ANSWERS: dict[str, dict[str, Any]] = {
     },
     "lambda-pgbouncer-pool": {"target": "lambda", "pooler": "pgbouncer", "null_pool": False},
 }
-# The generated pytest's exit code and the CLI's: a variant past the budget fails both (1); one
-# deploy/ cannot be read fails the test and is exit 2 of the CLI ("unreadable", never "fits").
+# The generated pytest's exit code and the CLI's: past the budget both exit 1; a deploy/ that
+# cannot be read fails the test and is the CLI's exit 2 ("unreadable"), never a pass.
 VERDICTS = {"fits": (0, 0), "over": (1, 1), "unreadable": (1, 2)}
 
 
@@ -144,7 +144,7 @@ def add_prod_overlay(project: Path) -> None:
             "kind": "Kustomization",
             "resources": ["../../k8s"],
             "patches": [hpa_patch(APP, 30)],
-            # The base's ConfigMap, merged: same name and namespace, else kustomize adds one.
+            # The base's ConfigMap, merged: under any other name kustomize refuses the overlay.
             "configMapGenerator": [
                 {
                     "name": CONFIG,
@@ -154,6 +154,15 @@ def add_prod_overlay(project: Path) -> None:
                 }
             ],
         },
+    )
+
+
+def overlay_merges_an_unknown_configmap(project: Path) -> None:
+    add_prod_overlay(project)
+    edit(
+        project,
+        f"{OVERLAY}/kustomization.yaml",
+        lambda k: k["configMapGenerator"][0].update(name=f"{APP}-settings"),
     )
 
 
@@ -442,6 +451,18 @@ ROWS = [
         ),
         variant=OVERLAY,
         restore=True,
+    ),
+    Row(
+        "overlay-merge-of-an-unknown-configmap",
+        "k8s-sync",
+        overlay_merges_an_unknown_configmap,
+        "unreadable",
+        (
+            "deploy/overlays/prod: kustomize cannot build it",
+            "poolwise-service-settings",
+            "does not exist; cannot merge or replace",
+        ),
+        variant=OVERLAY,
     ),
     # 3. A replicas: entry sets spec.replicas above the HPA's maxReplicas.
     Row(
@@ -960,7 +981,7 @@ def check(project: Path, row: Row) -> None:
     for fragment in row.fragments:
         assert fragment in test_output, shown
         assert fragment in command_output, shown
-    # The first fragment is the start of what the CLI says first: the release notes' line.
+    # The first fragment is in the first line the CLI prints: the line the release notes show.
     problems = command.stderr.splitlines()
     assert problems and row.fragments[0] in problems[0], shown
     if row.verdict == "unreadable":

@@ -1155,18 +1155,18 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     start = Path(args[0]).resolve() if args else Path.cwd()
     root = project_root(start)
+    readings: list[Reading] = []
+    status = 0
     if root is None:
         print(f"no deploy/ at or above {start}: checking the declared topology only")
-        readings = [read_declared()]
-    else:
-        readings = []
-        for variant in variants(root):
-            try:
-                readings.append(read_variant(root, variant))
-            except (Unreadable, ToolMissing) as error:
-                print(f"cannot read {variant}: {error}", file=sys.stderr)
-                return 2
-    status = 0
+        readings.append(read_declared())
+    for variant in variants(root) if root is not None else []:
+        try:
+            readings.append(read_variant(root, variant))  # type: ignore[arg-type]
+        except (Unreadable, ToolMissing) as error:
+            # The other variants are still read and printed.
+            print(f"cannot read {variant}: {error}", file=sys.stderr)
+            status = 2
     for reading in readings:
         print(reading.report(), end="\n\n")
         problems = reading.problems()
