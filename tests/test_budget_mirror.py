@@ -61,6 +61,8 @@ def cast(kind: str, raw: Any) -> Any:
         return int(raw)
     if kind == "bool":
         return raw if isinstance(raw, bool) else str(raw).strip().lower() == "true"
+    if kind == "yaml":
+        return yaml.safe_load(raw) if isinstance(raw, str) else raw
     return raw
 
 

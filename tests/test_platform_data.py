@@ -17,7 +17,13 @@ PLATFORM = TEMPLATE_ROOT / "examples" / "platform.yml"
 
 def test_the_example_file_answers_the_database_questions(tmp_path: Path) -> None:
     platform = yaml.safe_load(PLATFORM.read_text())
-    assert {"db_max_connections", "db_reserved_connections", "other_consumers"} <= set(platform)
+    assert {
+        "db_cluster",
+        "db_max_connections",
+        "db_reserved_connections",
+        "db_external_consumers",
+        "other_consumers",
+    } <= set(platform)
 
     project = tmp_path / "orders"
     result = copier_copy(project, "--data-file", str(PLATFORM))
@@ -28,6 +34,9 @@ def test_the_example_file_answers_the_database_questions(tmp_path: Path) -> None
     limits = (project / "src" / "poolwise_service" / "db" / "database_limits.toml").read_text()
     assert f"max_connections = {platform['db_max_connections']}\n" in limits
     assert f"other_consumers = {platform['other_consumers']}\n" in limits
+    assert f'cluster = "{platform["db_cluster"]}"\n' in limits
+    for name, connections in platform["db_external_consumers"].items():
+        assert f'"{name}" = {connections}\n' in limits
     declared = (project / "src" / "poolwise_service" / "db" / "topology.toml").read_text()
     assert f"\npool_recycle = {platform['pool_recycle']}\n" in declared
     available = (

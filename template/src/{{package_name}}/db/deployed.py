@@ -140,6 +140,8 @@ class Project:
     root: Path
     package: str
     declared: dict[str, Any]
+    # Where `declared` comes from; services generated before 0.2.0 declare it in their answers.
+    declared_file: str = ""
 
     @classmethod
     def at(cls, root: Path) -> Project:
@@ -161,7 +163,7 @@ class Project:
 
     @property
     def topology_file(self) -> str:
-        return f"src/{self.package}/db/topology.toml"
+        return self.declared_file or f"src/{self.package}/db/topology.toml"
 
     @property
     def target(self) -> str:
@@ -203,9 +205,9 @@ def variants(root: Path) -> list[str]:
     return names
 
 
-def read_variant(root: Path, variant: str) -> Reading:
+def read_variant(root: Path, variant: str, project: Project | None = None) -> Reading:
     """Read one variant into the budget's terms; raises Unreadable or ToolMissing."""
-    project = Project.at(root)
+    project = project or Project.at(root)
     if variant.endswith(".yaml") and "lambda" in variant:
         reading = _SamReader(project, variant).read()
     else:
