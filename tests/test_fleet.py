@@ -1,0 +1,261 @@
+"""`poolwise fleet`: every service on a cluster summed, as a platform team runs it over its repos.
+
+Services are rendered with the CLI as teams render them (one of them from the 0.1.0 release, to
+show that services of different template versions are read alike) and the command is run as a
+subprocess, so the exit codes are the ones a CI job sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+from rendering import TEMPLATE_ROOT, data_args
+
+# main at the 0.1.0 release (tests/test_update.py builds its tag the same way).
+RELEASE_0_1_0 = "639afbe"
+CLUSTER = {"db_cluster": "orders-db", "db_max_connections": 200, "db_reserved_connections": 3}
+# Three services of different targets, one behind PgBouncer, on one cluster.
+SERVICES = {
+    "orders-api": {"target": "k8s-sync", "other_consumers": 60},
+    "events-api": {"target": "k8s-async", "pooler": "pgbouncer", "other_consumers": 60},
+    "nightly-report": {"target": "batch", "other_consumers": 60},
+}
+
+
+def copier_copy(destination: Path, ref: str, answers: dict) -> None:
+    command = [sys.executable, "-m", "copier", "copy", "--defaults", "--vcs-ref", ref]
+    result = subprocess.run(
+        [*command, *data_args(answers), str(TEMPLATE_ROOT), str(destination)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def poolwise(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """The installed command's entry point, run from the checkout's src/."""
+    env = {**os.environ, "PYTHONPATH": str(TEMPLATE_ROOT / "src")}
+    return subprocess.run(
+        [sys.executable, "-m", "poolwise", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of service repositories: three from this checkout, one from 0.1.0."""
+    root = tmp_path_factory.mktemp("repos")
+    for name, answers in SERVICES.items():
+        copier_copy(root / name, "HEAD", {"project_name": name, **CLUSTER, **answers})
+    # Generated before db_cluster existed: the fleet puts it on the cluster its answers name
+    # (the default, main) and reads its deploy/ with today's loader.
+    copier_copy(root / "legacy-api", RELEASE_0_1_0, {"project_name": "legacy-api"})
+    return root
+
+
+def copy_of(repos: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "repos"
+    shutil.copytree(repos, target)
+    return target
+
+
+def fleet_json(*args: str | Path) -> dict:
+    result = poolwise("fleet", "--json", *args)
+    assert result.returncode in (0, 1), result.stderr
+    return json.loads(result.stdout)
+
+
+def cluster_named(report: dict, name: str) -> dict:
+    return next(cluster for cluster in report["clusters"] if cluster["name"] == name)
+
+
+def test_the_services_of_one_cluster_are_summed_and_fit(repos: Path) -> None:
+    result = poolwise("fleet", repos)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = fleet_json(repos)
+    orders = cluster_named(report, "orders-db")
+    totals = {service["name"]: service["total"] for service in orders["services"]}
+    # (3 + 1 surge + 1 terminating) x (5 + 5) + 1; PgBouncer's 20 server connections + 1;
+    # 1 run x 2 pods x NullPool + 1.
+    assert totals == {"orders-api": 51, "events-api": 21, "nightly-report": 3}
+    assert (orders["total"], orders["available"], orders["headroom"]) == (75, 197, 122)
+    assert orders["fits"] is True
+    assert "cluster orders-db: 75 of 197 available" in result.stdout
+    events = next(service for service in orders["services"] if service["name"] == "events-api")
+    assert [hop["hop"] for hop in events["hops"]] == ["app -> pgbouncer", "pgbouncer -> database"]
+
+
+def test_a_service_from_0_1_0_is_read_with_todays_loader(repos: Path) -> None:
+    legacy = cluster_named(fleet_json(repos), "main")
+    (service,) = legacy["services"]
+    assert service["template_version"] == RELEASE_0_1_0
+    # 0.1.0's Deployment has no minReadySeconds: every old pod may still be terminating.
+    assert service["total"] == (3 + 1 + 3) * 10 + 1
+    assert "(3 replicas_max + 1 max_surge + 3 terminating)" in service["hops"][0]["formula"]
+
+
+def test_services_that_each_fit_alone_but_not_together_exit_1(repos: Path, tmp_path: Path) -> None:
+    crowded = copy_of(repos, tmp_path)
+    # search-api alone: (11 + 1 + 1) x 10 + 1 = 131 <= 197 - 60 other_consumers, so its own
+    # budget test passes; with the three others (75) the cluster needs 206 of 197.
+    copier_copy(
+        crowded / "search-api",
+        "HEAD",
+        {"project_name": "search-api", **CLUSTER, "replicas_max": 11, "other_consumers": 60},
+    )
+    result = poolwise("fleet", crowded)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "cluster orders-db: 206 of 197 available" in result.stdout
+    assert "OVER by 9" in result.stdout
+    assert "shrink first: search-api (131)" in result.stdout
+    assert "cluster main: 71 of 97 available" in result.stdout  # the other cluster still fits
+    orders = cluster_named(fleet_json(crowded), "orders-db")
+    assert (orders["fits"], orders["shrink_first"]) == (False, ["search-api"])
+
+    # The clients that are not services count too: with them it is over by 24.
+    limits = tmp_path / "orders-db.yml"
+    limits.write_text(
+        "db_cluster: orders-db\ndb_max_connections: 200\ndb_reserved_connections: 3\n"
+        "db_external_consumers: {datadog-agent: 5, metabase: 10}\n"
+    )
+    over = poolwise("fleet", "--limits", limits, crowded)
+    assert over.returncode == 1
+    assert "cluster orders-db: 221 of 197 available" in over.stdout
+    assert "OVER by 24" in over.stdout
+    assert "other consumers" in over.stdout and "datadog-agent 5, metabase 10" in over.stdout
+    assert f"[limits: {limits}]" in over.stdout
+
+
+def test_a_dry_run_of_new_limits_touches_no_service(repos: Path, tmp_path: Path) -> None:
+    before = {path: path.read_bytes() for path in repos.rglob("*") if path.is_file()}
+    smaller = tmp_path / "smaller.yml"
+    smaller.write_text(
+        "db_cluster: orders-db\ndb_max_connections: 60\ndb_reserved_connections: 3\n"
+    )
+    refused = poolwise("fleet", "--limits", smaller, repos)
+    assert refused.returncode == 1
+    assert "cluster orders-db: 75 of 57 available" in refused.stdout
+    assert "shrink first: orders-api (51)" in refused.stdout
+    bigger = tmp_path / "bigger.yml"
+    bigger.write_text("db_cluster: orders-db\ndb_max_connections: 800\n")
+    assert poolwise("fleet", "--limits", bigger, repos).returncode == 0
+    after = {path: path.read_bytes() for path in repos.rglob("*") if path.is_file()}
+    assert after == before
+
+
+def test_other_consumers_that_cover_the_cluster_leave_no_note(repos: Path) -> None:
+    notes = cluster_named(fleet_json(repos), "orders-db")["notes"]
+    # Each declares 60 others; the rest of orders-db holds at most 51 + 21 = 72 for
+    # nightly-report, so only it is told to raise its number.
+    assert [note.split(" declares")[0] for note in notes] == ["nightly-report"]
+
+
+def write_limits(folder: Path, external: int) -> Path:
+    path = folder / f"external-{external}.yml"
+    path.write_text(
+        "db_cluster: orders-db\ndb_max_connections: 400\ndb_reserved_connections: 3\n"
+        f"db_external_consumers: {{bi: {external}}}\n"
+    )
+    return path
+
+
+def test_a_cluster_whose_clients_outgrow_a_services_other_consumers_is_noted(
+    repos: Path,
+) -> None:
+    result = poolwise("fleet", "--limits", write_limits(repos.parent, 100), repos)
+    assert result.returncode == 0
+    # The rest of orders-db for orders-api: 21 + 3 + 100 others = 124 > its declared 60.
+    assert (
+        "note: orders-api declares other_consumers 60, but the rest of orders-db can hold 124"
+    ) in result.stdout
+
+
+def test_the_sql_guardrail_caps_each_role_at_its_declared_worst_case(repos: Path) -> None:
+    result = poolwise("fleet", "--sql", repos)
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert 'ALTER ROLE "orders_api" CONNECTION LIMIT 51;' in [
+        line.split("  --")[0] for line in lines
+    ]
+    assert any(line.startswith('ALTER ROLE "events_api" CONNECTION LIMIT 21;') for line in lines)
+    assert any(
+        "events-api deploy/pgbouncer/pgbouncer.ini [pgbouncer]: max_db_connections = 20,"
+        " max_user_connections = 20" in line
+        for line in lines
+    )
+
+
+def test_the_svg_draws_one_bar_per_cluster(repos: Path, tmp_path: Path) -> None:
+    drawing = tmp_path / "fleet.svg"
+    assert poolwise("fleet", "--svg", drawing, repos).returncode == 0
+    root = ElementTree.parse(drawing).getroot()
+    namespace = "{http://www.w3.org/2000/svg}"
+    titles = [title.text for title in root.iter(f"{namespace}title")]
+    assert "orders-api: 51" in titles and "legacy-api: 71" in titles
+    assert titles.count("reserved: 3") == 2  # one bar each for orders-db and main
+    assert "free: 122" in titles
+
+
+def test_unreadable_inputs_exit_2_with_the_path_and_the_reason(repos: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = poolwise("fleet", empty)
+    assert nothing.returncode == 2
+    assert f"poolwise fleet: {empty}: no generated service found" in nothing.stderr
+
+    broken = copy_of(repos, tmp_path)
+    hpa = broken / "orders-api" / "deploy" / "k8s" / "hpa.yaml"
+    hpa.write_text(hpa.read_text().replace("maxReplicas: 3", "maxReplicas: three"))
+    unreadable = poolwise("fleet", broken)
+    assert unreadable.returncode == 2
+    assert str(broken / "orders-api") in unreadable.stderr
+    assert "spec.maxReplicas='three' -> not an integer" in unreadable.stderr
+
+    missing = poolwise("fleet", "--limits", tmp_path / "nope.yml", repos)
+    assert missing.returncode == 2 and "nope.yml: cannot be read" in missing.stderr
+
+
+def test_pip_installs_the_poolwise_command(tmp_path: Path) -> None:
+    # The platform team's path: a fresh virtualenv, `pip install <this repository>`.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", str(TEMPLATE_ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    site = next((venv / "lib").glob("python3.*/site-packages"))
+    # The shared rule arrives as a real file with the services' own text, not a link.
+    budget = site / "poolwise" / "budget.py"
+    assert budget.is_file() and not budget.is_symlink()
+    assert (
+        budget.read_text()
+        == (
+            TEMPLATE_ROOT / "template" / "src" / "{{package_name}}" / "db" / "budget.py"
+        ).read_text()
+    )
+    version = subprocess.run(
+        [str(venv / "bin" / "poolwise"), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == "poolwise 0.2.0"
