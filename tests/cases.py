@@ -267,6 +267,31 @@ REFUSED = [
         "driver",
         "driver=asyncpg is not allowed behind PgBouncer transaction mode",
     ),
+    Refusal(
+        "cluster-name-with-spaces",
+        {"db_cluster": "Orders DB"},
+        "db_cluster",
+        'db_cluster="Orders DB" is not allowed: it must be a lowercase name',
+    ),
+    Refusal(
+        "external-consumers-not-a-mapping",
+        {"db_external_consumers": [5, 10]},
+        "db_external_consumers",
+        "db_external_consumers=[5, 10] is not allowed: it must be a mapping of client name",
+    ),
+    Refusal(
+        "external-consumer-negative",
+        {"db_external_consumers": {"metabase": -1}},
+        "db_external_consumers",
+        'db_external_consumers["metabase"]=-1 is not allowed: it must be a whole number',
+    ),
+    Refusal(
+        "other-consumers-below-the-external-ones",
+        {"db_external_consumers": {"datadog-agent": 5, "metabase": 10}, "other_consumers": 5},
+        "other_consumers",
+        "other_consumers=5 is not allowed: it must include the 15 connections of"
+        " db_external_consumers (datadog-agent 5, metabase 10)",
+    ),
     Refusal("unknown-target", {"target": "ecs"}, "target", "ecs"),
     Refusal("unknown-pooler", {"pooler": "pgpool"}, "pooler", "pgpool"),
 ]
