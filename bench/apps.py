@@ -18,8 +18,8 @@ of the endpoints defined inside the factories at runtime.
 
 import importlib
 import os
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, nullcontext
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException
@@ -132,6 +132,96 @@ def _baseline(*, session_in_endpoint: bool) -> FastAPI:
     def work(db: db_dep, ms: int = 20) -> dict[str, bool]:
         with opened(db) as session:
             session.execute(WORK, {"seconds": ms / 1000})
+        return {"ok": True}
+
+    return app
+
+
+def _handwritten_engine_options() -> dict[str, Any]:
+    """The generated profile's pool, written out by hand: equal connections, equal timeouts."""
+    return {
+        "pool_size": int(os.environ.get("POOL_SIZE", "5")),
+        "max_overflow": int(os.environ.get("POOL_MAX_OVERFLOW", "5")),
+        "pool_timeout": int(os.environ.get("POOL_TIMEOUT", "5")),
+        "pool_recycle": 1800,
+        "pool_pre_ping": True,
+        "pool_use_lifo": True,
+    }
+
+
+def _psycopg_url() -> str:
+    return os.environ["DATABASE_URL"].replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def handwritten_sync_app() -> FastAPI:
+    """A careful hand-written sync service: `with SessionLocal() as session:` in the endpoint."""
+    engine = create_engine(
+        _psycopg_url(),
+        connect_args={"application_name": os.environ["APPLICATION_NAME"]},
+        **_handwritten_engine_options(),
+    )
+    session_local = sessionmaker(bind=engine, autoflush=False, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="hand-written sync", lifespan=lifespan)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> dict[str, str]:
+        with session_local() as session:
+            session.execute(text("SELECT 1"))
+        return {"status": "ready"}
+
+    @app.get("/work")
+    def work(ms: int = 20) -> dict[str, bool]:
+        with session_local() as session:
+            session.execute(WORK, {"seconds": ms / 1000})
+            session.commit()
+        return {"ok": True}
+
+    return app
+
+
+def handwritten_async_app() -> FastAPI:
+    """A careful hand-written async service: `async with SessionLocal() as session:`."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    engine = create_async_engine(
+        _psycopg_url(),
+        connect_args={"application_name": os.environ["APPLICATION_NAME"]},
+        **_handwritten_engine_options(),
+    )
+    session_local = async_sessionmaker(bind=engine, autoflush=False, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await engine.dispose()
+
+    app = FastAPI(title="hand-written async", lifespan=lifespan)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, str]:
+        async with session_local() as session:
+            await session.execute(text("SELECT 1"))
+        return {"status": "ready"}
+
+    @app.get("/work")
+    async def work(ms: int = 20) -> dict[str, bool]:
+        async with session_local() as session:
+            await session.execute(WORK, {"seconds": ms / 1000})
+            await session.commit()
         return {"ok": True}
 
     return app

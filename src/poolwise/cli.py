@@ -69,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="report sessions idle in a transaction for longer than this (default 30)",
     )
+    doctor_parser.add_argument(
+        "--cluster",
+        metavar="NAME",
+        help="the db_cluster the DSN is (needed when the paths hold services of several)",
+    )
     doctor_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 

@@ -585,10 +585,13 @@ class PgBouncer:
         max_db_connections: int = 0,
         *,
         settings: dict[str, str] | None = None,
+        users: Sequence[str] = (),
         binary: Path | None = None,
         base_dir: Path | None = None,
     ) -> None:
         self.cluster = cluster
+        # Roles besides the app user that may log in (their SCRAM secrets go in the userlist).
+        self.users = tuple(users)
         self.pool_mode = pool_mode
         self.default_pool_size = default_pool_size
         self.max_client_conn = max_client_conn
@@ -674,9 +677,9 @@ class PgBouncer:
     # -- internals
     def _write_userlist(self) -> None:
         assert self.tmpdir is not None
-        user = self.cluster.app_user
-        secret = self.cluster.scram_secret(user)
-        _write_owned(self.tmpdir / "userlist.txt", f'"{user}" "{secret}"\n')
+        users = dict.fromkeys([self.cluster.app_user, *self.users])
+        lines = [f'"{user}" "{self.cluster.scram_secret(user)}"\n' for user in users]
+        _write_owned(self.tmpdir / "userlist.txt", "".join(lines))
 
     def _write_ini(self) -> None:
         assert self.tmpdir is not None

@@ -41,6 +41,8 @@ MINIMUMS = {
     "max_overflow": 0,
     "pool_timeout": 1,
     "pool_recycle": 1,
+    "statement_timeout": 1,
+    "idle_in_transaction_timeout": 1,
     "workers_per_pod": 1,
     "replicas_max": 1,
     "max_surge": 0,
