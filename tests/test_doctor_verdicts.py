@@ -328,7 +328,16 @@ def test_several_clusters_need_cluster_and_an_unknown_name_is_refused() -> None:
         ),
         ("postgresql+psycopg://doctor:s3cret@db/postgres", "doctor@db/postgres"),
         ("host=db user=doctor password=s3cret dbname=postgres", "doctor@db/postgres"),
+        ("user=doctor dbname=postgres", "doctor@(local socket)/postgres"),
     ],
 )
 def test_a_dsn_is_described_without_its_password(dsn: str, label: str) -> None:
     assert doctor.describe_dsn(dsn) == label
+
+
+def test_an_unparsable_dsn_is_refused_without_repeating_it() -> None:
+    # libpq's own message for this one quotes the whole URI, password included.
+    with pytest.raises(doctor.Unreachable) as refused:
+        doctor.read_server("postgresql://doctor:s3cret@[db/postgres", ["orders_api"])
+    assert "s3cret" not in str(refused.value)
+    assert str(refused.value).startswith("cannot connect to PostgreSQL: its DSN is neither")

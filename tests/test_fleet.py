@@ -232,8 +232,18 @@ def test_pip_installs_the_poolwise_command(tmp_path: Path) -> None:
     # The platform team's path: a fresh virtualenv, `pip install <this repository>`.
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # What the package is built from, copied (links kept) so the build leaves no files here.
+    source = tmp_path / "poolwise"
+    shared = Path("template", "src", "{{package_name}}", "db")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        source.mkdir(exist_ok=True)
+        shutil.copy2(TEMPLATE_ROOT / name, source / name)
+    shutil.copytree(TEMPLATE_ROOT / "src", source / "src", symlinks=True)
+    (source / shared).mkdir(parents=True)
+    for name in ("budget.py", "deployed.py"):
+        shutil.copy2(TEMPLATE_ROOT / shared / name, source / shared / name)
     install = subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "--quiet", str(TEMPLATE_ROOT)],
+        [str(venv / "bin" / "pip"), "install", "--quiet", str(source)],
         capture_output=True,
         text=True,
         timeout=600,

@@ -14,6 +14,7 @@ DISCARD ALL clears it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -86,8 +87,8 @@ class PgBouncerState:
         """(pool_size, reserve pool) PgBouncer applies to one pool, as its pool_pool_size() does.
 
         A user's own pool_size (SHOW USERS, PgBouncer 1.23+) wins over the database's, which
-        SHOW DATABASES already shows with default_pool_size filled in. The reserve column is
-        reserve_pool up to 1.22 and reserve_pool_size after.
+        SHOW DATABASES already shows with default_pool_size filled in. Its reserve column is
+        reserve_pool up to 1.23 and reserve_pool_size from 1.24 on.
         """
         database = next((row for row in self.databases if row["name"] == pool["database"]), {})
         user = next((row for row in self.users if row["name"] == pool["user"]), {})
@@ -136,8 +137,9 @@ def describe_dsn(dsn: str) -> str:
     except psycopg.Error:
         return "an unparsable DSN"
     user = f"{parts['user']}@" if parts.get("user") else ""
+    host = parts.get("host") or parts.get("hostaddr") or "(local socket)"
     port = f":{parts['port']}" if parts.get("port") else ""
-    return f"{user}{parts.get('host', 'localhost')}{port}/{parts.get('dbname', '')}"
+    return f"{user}{host}{port}/{parts.get('dbname', '')}"
 
 
 def _one_line(error: BaseException) -> str:
@@ -146,10 +148,18 @@ def _one_line(error: BaseException) -> str:
 
 def _connect(dsn: str, what: str, **options: Any) -> psycopg.Connection[Any]:
     label = describe_dsn(dsn)
+    conninfo = _conninfo(dsn)
     try:
-        conninfo = _conninfo(dsn)
-        if "connect_timeout" not in conninfo_to_dict(conninfo):
-            options["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+        parts = conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        # libpq's parse error quotes the string around the mistake, which may be the password.
+        raise Unreachable(
+            f"cannot connect to {what}: its DSN is neither a postgresql:// URL nor a libpq"
+            " key=value string"
+        ) from None
+    if "connect_timeout" not in parts:
+        options["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+    try:
         return psycopg.connect(conninfo, application_name=APPLICATION_NAME, **options)
     except psycopg.Error as error:
         raise Unreachable(f"cannot connect to {what} {label}: {_one_line(error)}") from None
@@ -188,7 +198,9 @@ def read_server(dsn: str, roles: list[str]) -> ServerState:
         except psycopg.Error as error:
             raise Unreachable(f"cannot read PostgreSQL {label}: {_one_line(error)}") from None
         finally:
-            connection.rollback()
+            # A connection that broke mid-read cannot roll back; the error above says why.
+            with contextlib.suppress(psycopg.Error):
+                connection.rollback()
     return ServerState(
         label=label,
         version=str(version[0]) if version else "",

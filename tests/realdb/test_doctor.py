@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +144,10 @@ class Fleet:
         ).fetchall()
         return [(str(name), str(role)) for name, role in rows]
 
-    def wait_for(self, predicate: Any, what: str, timeout: float = 20.0) -> None:
+    def wait_for(
+        self, predicate: Callable[[list[tuple[str, str]]], bool], what: str, timeout: float = 20.0
+    ) -> None:
+        """Bounded wait until the client backends satisfy ``predicate``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             backends = self.client_backends()
@@ -196,11 +199,11 @@ def _create_roles(postgres: PostgresCluster, declared: dict[str, Any]) -> None:
         )
 
 
-def _start_bouncer(postgres: PostgresCluster, project: RenderedProject, role: str) -> PgBouncer:
-    """PgBouncer with the pool numbers of the project's own pgbouncer.ini."""
+def _bouncer(postgres: PostgresCluster, project: RenderedProject, role: str) -> PgBouncer:
+    """PgBouncer (not started) with the pool numbers of the project's own pgbouncer.ini."""
     ini = project.pgbouncer_ini()
     assert ini is not None, "billing-api renders deploy/pgbouncer/pgbouncer.ini"
-    bouncer = PgBouncer(
+    return PgBouncer(
         postgres,
         pool_mode=ini["pool_mode"],  # type: ignore[arg-type]
         default_pool_size=int(ini["default_pool_size"]),
@@ -208,11 +211,7 @@ def _start_bouncer(postgres: PostgresCluster, project: RenderedProject, role: st
         max_db_connections=int(ini["max_db_connections"]),
         settings={"reserve_pool_size": ini["reserve_pool_size"], "stats_users": DOCTOR_ROLE},
         users=(role, DOCTOR_ROLE),
-    ).start()
-    # The harness's readiness probe left a server connection named after itself in PgBouncer's
-    # pool for `app`; it is test plumbing, not part of any fleet.
-    postgres.terminate_backends(BOUNCER_PROBE_APP_NAME)
-    return bouncer
+    )
 
 
 @pytest.fixture(scope="module")
@@ -235,8 +234,11 @@ def scenario(realdb_binaries: None, tmp_path_factory: pytest.TempPathFactory) ->
             superuser.execute(fleet_sql.stdout)  # type: ignore[call-overload]
         projects["orders-api"].create_schema(postgres.dsn())
         bouncer = stack.enter_context(
-            _start_bouncer(postgres, projects["billing-api"], declared["billing-api"].role)
+            _bouncer(postgres, projects["billing-api"], declared["billing-api"].role)
         )
+        # The harness's readiness probe left a server connection named after itself in
+        # PgBouncer's pool for `app`; it is test plumbing, not part of any fleet.
+        postgres.terminate_backends(BOUNCER_PROBE_APP_NAME)
 
         def url(name: str, via: PostgresCluster | PgBouncer) -> str:
             return via.dsn(driver="", user=declared[name].role)
@@ -309,7 +311,11 @@ def under_load(running: Fleet) -> Iterator[None]:
             event = {"id": running.item_ids[sequence % len(running.item_ids)]}
             if sequence % 3 == 0:
                 event = {"name": f"lambda-{number}-{sequence}"}
-            response = environment.invoke(event)
+            try:
+                response = environment.invoke(event)
+            except (OSError, RuntimeError, TimeoutError, ValueError) as error:
+                failures.append(repr(error))
+                return
             if response.get("statusCode") not in (200, 201):
                 failures.append(response)
 

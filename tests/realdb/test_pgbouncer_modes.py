@@ -8,6 +8,8 @@ asyncpg is exercised behind session mode instead, where it is allowed.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 
@@ -124,3 +126,28 @@ def test_asyncpg_behind_transaction_mode_is_refused(tmp_path) -> None:
             quiet=True,
         )
     assert not (tmp_path / "refused" / "src").exists()
+
+
+def test_asyncpg_behind_transaction_mode_is_refused_at_start_up_too(
+    project: Callable[[str], RenderedProject],
+    database: PostgresCluster,
+    bouncer: Callable[[RenderedProject], PgBouncer],
+) -> None:
+    # Rendered with psycopg; a DATABASE_URL naming asyncpg would fail per query in this mode.
+    rendered = project("async-tx")
+    pgbouncer = bouncer(rendered)
+    started = subprocess.run(
+        [sys.executable, "-m", rendered.package],
+        cwd=rendered.root,
+        env=rendered.env(DATABASE_URL=pgbouncer.dsn(driver="asyncpg"), PORT=1),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert started.returncode == 2, started.stderr[-3000:]
+    (line,) = started.stderr.strip().splitlines()
+    assert line.startswith(
+        "refusing to start: DATABASE_URL=postgresql+asyncpg://...: asyncpg behind PgBouncer"
+        " pool_mode=transaction"
+    ), line
