@@ -54,8 +54,17 @@ class Run:
     round: int
     ok_per_second: float
     cpu: float
+    machine: float
+    loadgen: float
     peak: int
     errors: dict[str, int]
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of every core, from /proc/stat."""
+    values = [int(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -92,6 +101,8 @@ def measure(
         load(service.port, bench.work(WORK_MS), clients=10, duration=2, max_requests=5_000)
         time.sleep(0.5)
         before = cpu_seconds(service.pid)
+        machine_before = machine_busy()
+        loadgen_before = time.process_time()
         with ActivitySampler(cluster, application_name, max_duration=120) as sampler:
             result = load(
                 service.port,
@@ -102,15 +113,28 @@ def measure(
                 timeout=30,
             )
         used = cpu_seconds(service.pid) - before
+        loadgen = time.process_time() - loadgen_before
+        busy_after, total_after = machine_busy()
+        machine = (busy_after - machine_before[0]) / max(total_after - machine_before[1], 1)
     window_end = result.started + seconds
     ok = sum(1 for record in result.ok() if record.end <= window_end)
     errors: dict[str, int] = {}
     for record in result.failed():
         key = {-1: "timeout", 0: "transport"}.get(record.status, str(record.status))
         errors[key] = errors.get(key, 0) + 1
-    run = Run(label, round_, ok / seconds, used / result.duration, sampler.peak, errors)
+    run = Run(
+        label,
+        round_,
+        ok / seconds,
+        used / result.duration,
+        machine,
+        loadgen / result.duration,
+        sampler.peak,
+        errors,
+    )
     print(
-        f"  round {round_} {label:<22} {run.ok_per_second:7.1f} req/s  cpu {run.cpu:.2f}"
+        f"  round {round_} {label:<22} {run.ok_per_second:7.1f} req/s  service cpu {run.cpu:.2f}"
+        f"  load generator cpu {run.loadgen:.2f}  machine {run.machine:.0%}"
         f"  peak {run.peak} connections  errors {errors or 'none'}",
         flush=True,
     )
@@ -196,10 +220,12 @@ def report(args: argparse.Namespace, runs: list[Run], elapsed: float) -> str:
         f"Every service: {CONNECTIONS} connections (5 + 5), pool_timeout 5 s; load: closed-loop"
         f" clients on `SELECT pg_sleep(0.02)`; physical limit {limit:.0f} req/s. Median of"
         f" {args.rounds} alternating rounds of {args.seconds:g} s; CPU is the service process's"
-        " user + system seconds per wall second (1.00 = one core busy).",
+        " user + system seconds per wall second (1.00 = one core busy); load gen. the same for"
+        " the load generator (this process); machine is the share of all cores busy.",
         "",
-        "| target | clients | service | req/s | ratio | of the limit | CPU | peak conns |",
-        "|---|---|---|---|---|---|---|---|",
+        "| target | clients | service | req/s | ratio | of the limit | CPU | load gen. | machine"
+        " | peak conns |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, clients, generated, handwritten in (
         ("sync", args.sync_clients, "generated k8s-sync", "hand-written sync"),
@@ -211,12 +237,14 @@ def report(args: argparse.Namespace, runs: list[Run], elapsed: float) -> str:
             peak = max(run.peak for run in runs if run.label == label)
             lines.append(
                 f"| {name} | {clients} | {label} | {value:.0f} | {value / base:.2f}x"
-                f" | {value / limit:.0%} | {median(label, 'cpu'):.2f} | {peak} |"
+                f" | {value / limit:.0%} | {median(label, 'cpu'):.2f}"
+                f" | {median(label, 'loadgen'):.2f} | {median(label, 'machine'):.0%} | {peak} |"
             )
     lines += ["", "Every round:", ""]
     lines += [
         f"- round {run.round} {run.label}: {run.ok_per_second:.1f} req/s, CPU {run.cpu:.2f},"
-        f" peak {run.peak}, errors {run.errors or 'none'}"
+        f" load gen. {run.loadgen:.2f}, machine {run.machine:.0%}, peak {run.peak},"
+        f" errors {run.errors or 'none'}"
         for run in runs
     ]
     lines.append(END)
