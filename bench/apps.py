@@ -6,7 +6,11 @@ exists only here, added next to the generated endpoints.
 
 * ``generated_app``: the generated project's own ``create_app()`` (its engine profile,
   lifespan, session dependency, threadpool cap and 503 handler), plus /work using the
-  project's ``SessionDep``. BENCH_PACKAGE names the rendered package.
+  project's ``SessionDep`` on a ``SessionRoute`` router, as a team adds an endpoint.
+  BENCH_PACKAGE names the rendered package.
+* ``handwritten_sync_app`` / ``handwritten_async_app``: what a careful engineer writes by hand
+  with the same pool (size, overflow, timeout, pre_ping, LIFO): the session opened with
+  ``with``/``async with`` inside the endpoint. The efficiency baseline (bench/efficiency.py).
 * ``baseline_app``: the copy-paste setup the template replaces: ``create_engine(url)`` with
   every default (QueuePool 5 + 10 overflow, pool_timeout 30 s, no pre_ping), a
   ``SessionLocal()`` per request, plain ``def`` endpoints on FastAPI's default threadpool
@@ -34,7 +38,8 @@ def generated_app() -> FastAPI:
     package = os.environ["BENCH_PACKAGE"]
     app = importlib.import_module(f"{package}.app").create_app()
     session_dep = importlib.import_module(f"{package}.dependencies").SessionDep
-    router = APIRouter()
+    # As a team adds an endpoint: on a router whose routes finish the session (routing.py).
+    router = APIRouter(route_class=importlib.import_module(f"{package}.routing").SessionRoute)
     declared = importlib.import_module(f"{package}.db.budget").load_declared()
     if declared["service"]["target"] == "k8s-async":
 

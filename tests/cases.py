@@ -70,6 +70,14 @@ SUPPORTED = [
             "null_pool": False,
         },
     ),
+    # maxSurge as Kubernetes takes it: 30% of 4 replicas is 2 pods (rounded up).
+    Case(
+        "k8s-sync-surge-percentage", {"target": "k8s-sync", "replicas_max": 4, "max_surge": "30%"}
+    ),
+    Case(
+        "batch-cron-with-names-and-steps",
+        {"target": "batch", "batch_schedule": "*/10 6-22/2 * JAN-MAR,DEC MON-FRI"},
+    ),
     Case(
         "k8s-sync-two-workers-custom-name",
         {
@@ -97,10 +105,12 @@ K8S_OVER = {
 K8S_FITS = {**K8S_OVER, "pool_size": 5, "max_overflow": 5}
 
 REFUSED = [
+    # The budget is checked whole at the last question that changes it (with --defaults and
+    # --data; at a prompt, each such question checks it as far as it is known).
     Refusal(
         "k8s-280-connections",
         K8S_OVER,
-        "other_consumers",
+        "max_overflow",
         "(6 replicas_max + 0 max_surge + 1 terminating) x 2 workers_per_pod"
         " x (10 pool_size + 10 max_overflow) = 280 + 1 migration = 281 > 200 available"
         " (db_max_connections 200",
@@ -108,7 +118,7 @@ REFUSED = [
     Refusal(
         "lambda-reserved-concurrency-past-budget",
         {"target": "lambda", "lambda_reserved_concurrency": 200},
-        "other_consumers",
+        "null_pool",
         "200 lambda_reserved_concurrency x 1 (NullPool) = 200 + 1 migration = 201 > 97 available",
     ),
     Refusal(
@@ -119,19 +129,19 @@ REFUSED = [
             "batch_processes": 2,
             "batch_concurrency_policy": "Replace",
         },
-        "other_consumers",
+        "null_pool",
         "2 concurrent runs x 50 batch_parallelism x 2 batch_processes x 1 (NullPool) = 200",
     ),
     Refusal(
         "pgbouncer-server-pool-past-budget",
         {"pooler": "pgbouncer", "pgbouncer_default_pool_size": 120},
-        "other_consumers",
+        "pgbouncer_default_pool_size",
         "pgbouncer -> database: 120 default_pool_size x 1 database x 1 user",
     ),
     Refusal(
         "rds-proxy-percent-past-budget",
         {"pooler": "rds-proxy", "rds_proxy_max_connections_percent": 100},
-        "other_consumers",
+        "rds_proxy_max_connections_percent",
         "100% MaxConnectionsPercent of 100 db_max_connections = 100 + 1 migration = 101 > 97",
     ),
     Refusal(
@@ -139,7 +149,7 @@ REFUSED = [
         {"db_max_connections": 50, "db_reserved_connections": 10, "other_consumers": 40},
         "other_consumers",
         "db_reserved_connections=10 + other_consumers=40 = 50 leaves nothing of"
-        " db_max_connections=50",
+        " db_max_connections=50: at least 2 must be left",
     ),
     Refusal(
         "zero-replicas",
@@ -151,7 +161,7 @@ REFUSED = [
         "negative-surge",
         {"max_surge": -1},
         "max_surge",
-        "max_surge=-1 is not allowed: it must be an integer >= 0",
+        "max_surge=-1 is not allowed: it must be a pod count (0 for no surge) or a percentage",
     ),
     Refusal(
         "zero-workers",
@@ -242,7 +252,7 @@ REFUSED = [
         "package-name-shadows-dependency",
         {"package_name": "sqlalchemy"},
         "package_name",
-        "it shadows the dependency or project folder 'sqlalchemy'",
+        "it shadows 'sqlalchemy', which the generated project installs",
     ),
     Refusal(
         "package-name-keyword", {"package_name": "lambda"}, "package_name", "it is a Python keyword"
@@ -294,4 +304,255 @@ REFUSED = [
     ),
     Refusal("unknown-target", {"target": "ecs"}, "target", "ecs"),
     Refusal("unknown-pooler", {"pooler": "pgpool"}, "pooler", "pgpool"),
+    # --- issue 10: every bad answer refused in one line naming question, value and rule.
+    Refusal(
+        "every-broken-hop-at-once",
+        {
+            "pooler": "pgbouncer",
+            "pgbouncer_pool_mode": "session",
+            "pool_size": 10,
+            "max_overflow": 10,
+            "pgbouncer_default_pool_size": 60,
+            "db_max_connections": 50,
+            "db_reserved_connections": 0,
+        },
+        "pgbouncer_default_pool_size",
+        "connection budget exceeded, app -> pgbouncer session pool: (3 replicas_max + 1 max_surge"
+        " + 1 terminating) x 1 workers_per_pod x (10 pool_size + 10 max_overflow) = 100 > 60"
+        " server connections",
+    ),
+    Refusal(
+        "every-broken-hop-at-once-second-hop",
+        {
+            "pooler": "pgbouncer",
+            "pgbouncer_pool_mode": "session",
+            "pool_size": 10,
+            "max_overflow": 10,
+            "pgbouncer_default_pool_size": 60,
+            "db_max_connections": 50,
+            "db_reserved_connections": 0,
+        },
+        "pgbouncer_default_pool_size",
+        "; also exceeded, pgbouncer -> database: 60 default_pool_size x 1 database x 1 user"
+        " + 0 reserve_pool_size = 60 + 1 migration = 61 > 50 available",
+    ),
+    # Names: `$` would match before a trailing newline (a data file's "orders-api\n").
+    Refusal(
+        "project-name-trailing-newline",
+        {"project_name": "orders-api\n"},
+        "project_name",
+        'project_name="orders-api\\n" is not allowed: it must start with a letter',
+    ),
+    Refusal(
+        "package-name-trailing-newline",
+        {"package_name": "orders_api\n"},
+        "package_name",
+        'package_name="orders_api\\n" is not allowed: it must be a lowercase Python identifier',
+    ),
+    Refusal(
+        "cluster-name-trailing-newline",
+        {"db_cluster": "orders-db\n"},
+        "db_cluster",
+        'db_cluster="orders-db\\n" is not allowed',
+    ),
+    # Names of modules the generated project installs, however deep in its dependencies.
+    Refusal(
+        "package-name-shadows-a-transitive-dependency",
+        {"package_name": "click"},
+        "package_name",
+        "package_name=\"click\" is not allowed: it shadows 'click', which the generated project"
+        " installs",
+    ),
+    Refusal(
+        "package-name-shadows-mako",
+        {"package_name": "mako"},
+        "package_name",
+        "it shadows 'mako', which the generated project installs",
+    ),
+    Refusal(
+        "package-name-shadows-lambda-runtime",
+        {"package_name": "simplejson"},
+        "package_name",
+        "it shadows 'simplejson', which the generated project installs",
+    ),
+    Refusal(
+        "package-name-conftest",
+        {"package_name": "conftest"},
+        "package_name",
+        'package_name="conftest" is not allowed: it shadows the generated project\'s own'
+        " 'conftest'",
+    ),
+    # Cron fields as Kubernetes (robfig/cron) reads them.
+    Refusal(
+        "cron-every-field-out-of-range",
+        {"target": "batch", "batch_schedule": "99 99 99 99 99"},
+        "batch_schedule",
+        'batch_schedule="99 99 99 99 99" is not allowed: its minute field "99" is outside 0-59',
+    ),
+    Refusal(
+        "cron-hour-24",
+        {"target": "batch", "batch_schedule": "0 24 * * *"},
+        "batch_schedule",
+        'its hour field "24" is outside 0-23',
+    ),
+    Refusal(
+        "cron-day-of-month-0",
+        {"target": "batch", "batch_schedule": "0 0 0 * *"},
+        "batch_schedule",
+        'its day of month field "0" is outside 1-31',
+    ),
+    Refusal(
+        "cron-month-13-in-a-list",
+        {"target": "batch", "batch_schedule": "0 0 1 1,13 *"},
+        "batch_schedule",
+        'its month field "1,13" is outside 1-12',
+    ),
+    Refusal(
+        "cron-day-of-week-7",
+        {"target": "batch", "batch_schedule": "0 0 * * 7"},
+        "batch_schedule",
+        'its day of week field "7" is outside 0-6',
+    ),
+    Refusal(
+        "cron-step-0",
+        {"target": "batch", "batch_schedule": "*/0 * * * *"},
+        "batch_schedule",
+        'its minute field "*/0" has step "0", which must be a whole number >= 1',
+    ),
+    Refusal(
+        "cron-backwards-range",
+        {"target": "batch", "batch_schedule": "30-10 * * * *"},
+        "batch_schedule",
+        'its minute field "30-10" is a range that runs backwards',
+    ),
+    Refusal(
+        "cron-unknown-name",
+        {"target": "batch", "batch_schedule": "0 0 * * MONDAY"},
+        "batch_schedule",
+        'its day of week field "MONDAY" must be *, a number, a range a-b or a list of them',
+    ),
+    Refusal(
+        "cron-four-fields",
+        {"target": "batch", "batch_schedule": "* * * *"},
+        "batch_schedule",
+        'batch_schedule="* * * *" is not allowed: it must be five cron fields',
+    ),
+    # Upper bounds PostgreSQL and AWS have.
+    Refusal(
+        "max-connections-past-postgresql-limit",
+        {"db_max_connections": 262144},
+        "db_max_connections",
+        "db_max_connections=262144 is not allowed: it must be between 2 and 262143",
+    ),
+    Refusal(
+        "reserved-leaves-less-than-2",
+        {"db_max_connections": 10, "db_reserved_connections": 9},
+        "db_reserved_connections",
+        "db_reserved_connections=9 is not allowed: it leaves 1 of db_max_connections=10, and at"
+        " least 2 must be left",
+    ),
+    Refusal(
+        "external-consumers-leave-less-than-2",
+        {"db_max_connections": 20, "db_external_consumers": {"metabase": 16}},
+        "db_external_consumers",
+        "its 16 connections and db_reserved_connections=3 leave 1 of db_max_connections=20",
+    ),
+    Refusal(
+        "lambda-reserved-past-account-limit",
+        {"target": "lambda", "lambda_reserved_concurrency": 950, "db_max_connections": 2000},
+        "lambda_reserved_concurrency",
+        "lambda_reserved_concurrency=950 is not allowed: AWS keeps 100 of the account's 1000"
+        " concurrent executions (lambda_account_concurrency) unreserved, so at most 900 can be"
+        " reserved",
+    ),
+    Refusal(
+        "lambda-account-limit-too-small-to-reserve",
+        {"target": "lambda", "lambda_account_concurrency": 100},
+        "lambda_account_concurrency",
+        "lambda_account_concurrency=100 is not allowed: it must be an integer >= 101",
+    ),
+    Refusal(
+        "proxy-percent-zero",
+        {"pooler": "rds-proxy", "rds_proxy_max_connections_percent": 0},
+        "rds_proxy_max_connections_percent",
+        "rds_proxy_max_connections_percent=0 is not allowed: it must be between 1 and 100",
+    ),
+    # Whole numbers and booleans, refused by name (copier's own cast would say
+    # "invalid literal for int()", truncate 5.7 to 5, or read "maybe" as true).
+    Refusal(
+        "pool-size-not-a-number",
+        {"pool_size": "abc"},
+        "pool_size",
+        'pool_size="abc" is not allowed: it must be a whole number >= 1',
+    ),
+    Refusal(
+        "pool-size-a-word",
+        {"pool_size": "ten"},
+        "pool_size",
+        'pool_size="ten" is not allowed: it must be a whole number >= 1',
+    ),
+    Refusal(
+        "pool-size-a-fraction",
+        {"pool_size": 5.7},
+        "pool_size",
+        "pool_size=5.7 is not allowed: it must be a whole number >= 1",
+    ),
+    Refusal(
+        "pool-size-a-fraction-as-text",
+        {"pool_size": "5.7"},
+        "pool_size",
+        'pool_size="5.7" is not allowed: it must be a whole number >= 1',
+    ),
+    Refusal(
+        "pool-size-empty",
+        {"pool_size": ""},
+        "pool_size",
+        'pool_size="" is not allowed: it must be a whole number >= 1',
+    ),
+    Refusal(
+        "replicas-a-boolean",
+        {"replicas_max": True},
+        "replicas_max",
+        "replicas_max=true is not allowed: it must be a whole number >= 1",
+    ),
+    Refusal(
+        "max-connections-not-a-number",
+        {"db_max_connections": "lots"},
+        "db_max_connections",
+        'db_max_connections="lots" is not allowed: it must be a whole number between 2 and 262143',
+    ),
+    Refusal(
+        "null-pool-maybe",
+        {"target": "batch", "null_pool": "maybe"},
+        "null_pool",
+        'null_pool="maybe" is not allowed: it must be true or false',
+    ),
+    Refusal(
+        "null-pool-a-number",
+        {"target": "lambda", "null_pool": 2},
+        "null_pool",
+        "null_pool=2 is not allowed: it must be true or false",
+    ),
+    Refusal(
+        "max-surge-a-word",
+        {"max_surge": "abc"},
+        "max_surge",
+        'max_surge="abc" is not allowed: it must be a pod count (0 for no surge) or a percentage'
+        " of replicas_max such as 25%",
+    ),
+    Refusal(
+        "max-surge-a-fractional-percentage",
+        {"max_surge": "12.5%"},
+        "max_surge",
+        'max_surge="12.5%" is not allowed',
+    ),
+    # A percentage is counted in pods, rounded up: 50% of 8 replicas is 4 surge pods, and the
+    # 8 + 4 + 4 terminating pods of 10 connections each do not fit 97.
+    Refusal(
+        "max-surge-percentage-past-budget",
+        {"replicas_max": 8, "max_surge": "50%"},
+        "max_overflow",
+        "(8 replicas_max + 4 max_surge + 4 terminating) x 1 workers_per_pod"
+        " x (5 pool_size + 5 max_overflow) = 160",
+    ),
 ]

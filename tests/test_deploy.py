@@ -42,6 +42,7 @@ ACCEPTED_FINDINGS = {
     "CKV_K8S_31": ("CronJob",),  # checkov 3.1 misses a CronJob's pod-level seccompProfile
     "CKV_AWS_116": ("AWS::Serverless::Function",),  # no DLQ: invoked synchronously
     "CKV_AWS_173": ("AWS::Serverless::Function",),  # env encrypted with the AWS-managed key
+    "CKV_AWS_158": ("AWS::Logs::LogGroup",),  # HTTP API access log: CloudWatch Logs encryption
 }
 # Credentials in a URL (user:password@), outside CloudFormation dynamic references.
 CREDENTIALS_IN_URL = re.compile(r"postgres(?:ql)?(?:\+\w+)?://[^\s\"'/@{}]+:[^\s\"'/@{}]+@")

@@ -78,7 +78,7 @@ def test_a_file_that_breaks_the_budget_is_refused_like_data(tmp_path: Path) -> N
     last_line = from_file.stderr.strip().splitlines()[-1]
     assert last_line == from_data.stderr.strip().splitlines()[-1]
     assert last_line.startswith(
-        "ValueError: Validation error for question 'other_consumers': connection budget exceeded"
+        "ValueError: Validation error for question 'max_overflow': connection budget exceeded"
     )
     assert "- other_consumers 370). Fix:" in last_line
     assert not (tmp_path / "from-file").exists()

@@ -28,10 +28,80 @@ def test_cli_refusal_is_the_last_line_and_writes_nothing(tmp_path: Path) -> None
     result = copier_copy(destination, *data_args(K8S_OVER))
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("ValueError: Validation error for question 'other_consumers':")
+    # The budget is checked whole at the last question that changes it.
+    assert last_line.startswith("ValueError: Validation error for question 'max_overflow':")
     assert "= 280 + 1 migration = 281 > 200 available" in last_line
     assert "Fix: at 14 processes pool_size + max_overflow must be <= 14" in last_line
     assert not destination.exists() or not any(destination.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("data", "last_line"),
+    [
+        (
+            ["--data", "pool_size=abc"],
+            "ValueError: Validation error for question 'pool_size': pool_size=\"abc\" is not"
+            " allowed: it must be a whole number >= 1; use null_pool for no pooling.",
+        ),
+        (
+            ["--data", "pool_size=5.7"],
+            "ValueError: Validation error for question 'pool_size': pool_size=\"5.7\" is not"
+            " allowed: it must be a whole number >= 1; use null_pool for no pooling.",
+        ),
+        (
+            ["--data", "target=batch", "--data", "null_pool=maybe"],
+            "ValueError: Validation error for question 'null_pool': null_pool=\"maybe\" is not"
+            " allowed: it must be true or false (yes/no); for example --data null_pool=false.",
+        ),
+        (
+            ["--data", "max_surge=25 %"],
+            "ValueError: Validation error for question 'max_surge': max_surge=\"25 %\" is not"
+            " allowed: it must be a pod count (0 for no surge) or a percentage of replicas_max"
+            " such as 25% (rounded up, as Kubernetes does).",
+        ),
+    ],
+    ids=["word", "fraction", "not-a-boolean", "spaced-percentage"],
+)
+def test_a_cli_answer_that_is_not_a_number_or_boolean_is_refused_by_name(
+    tmp_path: Path, data: list[str], last_line: str
+) -> None:
+    destination = tmp_path / "refused"
+    result = copier_copy(destination, *data)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == last_line
+    assert not destination.exists()
+
+
+@pytest.mark.parametrize(
+    ("data_file", "last_line_start"),
+    [
+        (
+            'project_name: "orders-api\\n"\n',
+            "ValueError: Validation error for question 'project_name':"
+            ' project_name="orders-api\\n" is not allowed',
+        ),
+        (
+            "pool_size: 5.7\n",
+            "ValueError: Validation error for question 'pool_size': pool_size=5.7 is not allowed",
+        ),
+        (
+            "target: batch\nbatch_schedule: 99 99 99 99 99\n",
+            "ValueError: Validation error for question 'batch_schedule':"
+            ' batch_schedule="99 99 99 99 99" is not allowed: its minute field "99"',
+        ),
+    ],
+    ids=["name-ending-in-newline", "fraction", "cron-out-of-range"],
+)
+def test_a_data_file_answer_that_used_to_slip_through_is_refused(
+    tmp_path: Path, data_file: str, last_line_start: str
+) -> None:
+    platform = tmp_path / "platform.yml"
+    platform.write_text(data_file)
+    destination = tmp_path / "refused"
+    result = copier_copy(destination, "--data-file", str(platform))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(last_line_start)
+    assert not destination.exists()
 
 
 def test_the_same_topology_with_pool_5_plus_5_is_accepted_without_trust(tmp_path: Path) -> None:
@@ -44,11 +114,7 @@ def test_the_same_topology_with_pool_5_plus_5_is_accepted_without_trust(tmp_path
 
 
 def test_every_stdlib_module_of_this_python_is_a_refused_package_name() -> None:
-    import re
-
-    validators = (TEMPLATE_ROOT / "includes" / "validators.jinja").read_text()
-    listed = set(
-        re.findall(r'"([A-Za-z0-9_]+)"', validators.split("stdlib_modules = [")[1].split("]")[0])
-    )
+    names = (TEMPLATE_ROOT / "includes" / "names.jinja").read_text()
+    listed = set(names.split('set stdlib_modules = "')[1].split('"')[0].split())
     public = {name for name in sys.stdlib_module_names if not name.startswith("_")}
     assert public - listed == set()

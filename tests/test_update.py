@@ -290,7 +290,7 @@ def team_edits(project: Path) -> None:
     """What teams do next: an endpoint, a smaller pool (within budget), a dependency."""
     package = project / "src" / PACKAGE
     edit(
-        package / "app.py", replace_once(r"^router = APIRouter\(\)\n", r"\g<0>" + VERSION_ENDPOINT)
+        package / "app.py", replace_once(r"^router = APIRouter\(.*\)\n", r"\g<0>" + VERSION_ENDPOINT)
     )
     (project / "tests" / "test_version.py").write_text(VERSION_TEST)
     # A smaller pool is declared in db/topology.toml and deployed in the ConfigMap, together.
@@ -418,7 +418,7 @@ def test_an_answer_that_breaks_the_budget_is_refused_like_at_copy_time(
         assert update.returncode == 1
         assert last_line(update) == last_line(copy)
         assert last_line(update).startswith(
-            "ValueError: Validation error for question 'other_consumers': connection budget"
+            "ValueError: Validation error for question 'max_overflow': connection budget"
             " exceeded, app -> database: (3 replicas_max + 1 max_surge + 1 terminating)"
             f" x {workers}"
             " workers_per_pod x (5 pool_size + 5 max_overflow)"
@@ -539,7 +539,7 @@ def test_a_service_generated_from_0_1_0_updates_to_this_release(
     assert (package / "db" / "topology.py").is_file()
     # What teams did on 0.1.0: an endpoint, a dependency, a smaller pool in the ConfigMap.
     edit(
-        package / "app.py", replace_once(r"^router = APIRouter\(\)\n", r"\g<0>" + VERSION_ENDPOINT)
+        package / "app.py", replace_once(r"^router = APIRouter\(.*\)\n", r"\g<0>" + VERSION_ENDPOINT)
     )
     (project / "tests" / "test_version.py").write_text(VERSION_TEST)
     edit(

@@ -127,6 +127,15 @@ PROJECTS: dict[str, dict[str, Any]] = {
     # k8s-sync rendered with 2 workers per pod (fork-safety and multi-worker budget).
     "sync": {"target": "k8s-sync", "workers_per_pod": 2, **K8S_ANSWERS},
     "async": {"target": "k8s-async", **K8S_ANSWERS},
+    # k8s-async with 2 workers per pod (pool metrics summed over workers); 5 + 5 per worker
+    # fits the rendered budget with a rollout's terminating pod: 2 pods x 2 x 10 + 1 <= 57.
+    "async-2w": {
+        "target": "k8s-async",
+        "workers_per_pod": 2,
+        "pool_size": 5,
+        "max_overflow": 5,
+        **K8S_ANSWERS,
+    },
     "async-tx": {
         "target": "k8s-async",
         "pooler": "pgbouncer",

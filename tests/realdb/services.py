@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -310,7 +311,9 @@ class ServiceProcess:
 
 # A Lambda execution environment: one interpreter that imports the handler module once (the
 # cold start, engine built at import), then serves invocations one at a time, like the Lambda
-# runtime's loop. Events arrive as JSON lines on stdin; each response goes back as one line.
+# runtime's loop. Events arrive as JSON lines on stdin; each response goes back as one line. An
+# exception escaping the handler is what the Lambda service reports as a function error (API
+# Gateway then answers 500); it comes back as statusCode 599 with the error.
 LAMBDA_RUNTIME = """
 import json, sys, importlib
 handler = importlib.import_module(sys.argv[1] + ".handler").handler
@@ -322,6 +325,61 @@ for line in sys.stdin:
         response = {"statusCode": 599, "error": repr(exc)}
     print(json.dumps(response), flush=True)
 """
+
+
+def http_event(method: str, path: str, body: object = None) -> dict[str, Any]:
+    """The event API Gateway's HTTP API sends for one request (payload format 2.0).
+
+    Built from AWS's documented shape, not from the rendered project's events/ samples, for the
+    two routes deploy/lambda/template.yaml declares: ``POST /items`` and ``GET /items/{id}``.
+    """
+    segments = path.strip("/").split("/")
+    route_key = f"{method} /items" if len(segments) == 1 else f"{method} /items/{{id}}"
+    event: dict[str, Any] = {
+        "version": "2.0",
+        "routeKey": route_key,
+        "rawPath": path,
+        "rawQueryString": "",
+        "headers": {"content-type": "application/json", "host": "realdb.invalid"},
+        "requestContext": {
+            "apiId": "realdb",
+            "http": {
+                "method": method,
+                "path": path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": "127.0.0.1",
+                "userAgent": "realdb",
+            },
+            "requestId": f"realdb-{time.monotonic_ns()}",
+            "routeKey": route_key,
+            "stage": "$default",
+            "timeEpoch": int(time.time() * 1000),
+        },
+        "isBase64Encoded": False,
+    }
+    if len(segments) == 2:
+        event["pathParameters"] = {"id": segments[1]}
+    if body is not None:
+        event["body"] = json.dumps(body)
+    return event
+
+
+def response_json(response: dict[str, Any]) -> Any:
+    """The JSON body of a payload 2.0 response (None for a function error, statusCode 599)."""
+    if response["statusCode"] == 599:
+        return None
+    return json.loads(response["body"])
+
+
+def check_http_response(response: dict[str, Any]) -> dict[str, Any]:
+    """Raise unless ``response`` is a payload 2.0 response API Gateway can send on."""
+    if response.get("statusCode") == 599:
+        return response
+    shape = {"statusCode": int, "headers": dict, "body": str, "isBase64Encoded": bool}
+    wrong = [key for key, kind in shape.items() if not isinstance(response.get(key), kind)]
+    if wrong:
+        raise ValueError(f"not an API Gateway payload 2.0 response ({wrong}): {response}")
+    return response
 
 
 class LambdaEnvironment:
@@ -338,6 +396,20 @@ class LambdaEnvironment:
             text=True,
             start_new_session=True,
         )
+        # stderr (logs, and the handler's CloudWatch EMF metrics line per invocation) is read as
+        # it comes, so a long run never fills the pipe and blocks the environment.
+        self.stderr_lines: list[str] = []
+        self._stderr_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._stderr_reader.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    def emf(self) -> list[dict[str, Any]]:
+        """The CloudWatch embedded metric format records the environment has written."""
+        return [json.loads(line) for line in self.stderr_lines if line.startswith('{"_aws"')]
 
     def _readline(self, timeout: float) -> dict[str, Any]:
         import selectors
@@ -361,10 +433,14 @@ class LambdaEnvironment:
         self.proc.stdin.flush()
         return self._readline(timeout)
 
+    def request(
+        self, method: str, path: str, body: object = None, timeout: float = 30
+    ) -> dict[str, Any]:
+        """Invoke with the HTTP API's event for one request; the response's shape is checked."""
+        return check_http_response(self.invoke(http_event(method, path, body), timeout))
+
     def stderr(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None or self.proc.stderr.closed:
-            return ""
-        return self.proc.stderr.read()
+        return "".join(self.stderr_lines)
 
     def close(self, timeout: float = 10) -> int:
         """End the environment (EOF on stdin) and return its exit code."""
@@ -377,6 +453,7 @@ class LambdaEnvironment:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             code = self.proc.wait(timeout=10)
+        self._stderr_reader.join(timeout=10)  # the process is gone: its stderr is at EOF
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()

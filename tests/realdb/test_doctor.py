@@ -308,11 +308,13 @@ def under_load(running: Fleet) -> Iterator[None]:
         for sequence in range(LAMBDA_MAX_INVOCATIONS // LAMBDA_ENVIRONMENTS):
             if stop.is_set() or time.monotonic() > deadline:
                 return
-            event = {"id": running.item_ids[sequence % len(running.item_ids)]}
-            if sequence % 3 == 0:
-                event = {"name": f"lambda-{number}-{sequence}"}
+            item_id = running.item_ids[sequence % len(running.item_ids)]
             try:
-                response = environment.invoke(event)
+                if sequence % 3 == 0:
+                    name = f"lambda-{number}-{sequence}"
+                    response = environment.request("POST", "/items", {"name": name})
+                else:
+                    response = environment.request("GET", f"/items/{item_id}")
             except (OSError, RuntimeError, TimeoutError, ValueError) as error:
                 failures.append(repr(error))
                 return

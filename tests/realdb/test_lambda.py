@@ -2,7 +2,9 @@
 
 Each execution environment is a separate interpreter that imports the generated handler once
 (the engine is built at import, as in a real cold start) and then runs invocations one at a
-time, like the Lambda runtime loop. Ten of them run at once: reserved concurrency 10.
+time, like the Lambda runtime loop. Ten of them run at once: reserved concurrency 10. Every
+invocation is the event API Gateway's HTTP API sends (payload format 2.0), and every answer must
+be a response it can send on.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 from harness import ActivitySampler, PgBouncer, PostgresCluster
-from services import LambdaEnvironment, RenderedProject
+from services import LambdaEnvironment, RenderedProject, response_json
 
 pytestmark = [
     pytest.mark.realdb,
@@ -39,10 +41,12 @@ def invoke_everywhere(
             item_id = None
             for sequence in range(per_environment):
                 if item_id is None or sequence % 2 == 0:
-                    response = environment.invoke({"name": f"lambda-{number}-{sequence}"})
-                    item_id = response.get("item", {}).get("id")
+                    name = f"lambda-{number}-{sequence}"
+                    response = environment.request("POST", "/items", {"name": name})
+                    item_id = (response_json(response) or {}).get("id")
                 else:
-                    response = environment.invoke({"id": item_id})
+                    response = environment.request("GET", f"/items/{item_id}")
+                    assert response_json(response)["id"] == item_id, response
                 responses.append(response)
         except BaseException as exc:  # reported by the caller
             errors.append(exc)

@@ -1,0 +1,281 @@
+"""Pool metrics under saturation match the pool's own state, on a real PostgreSQL.
+
+As in test_saturation.py, a superuser transaction locks the items table, so every
+GET /items/{id} blocks inside PostgreSQL holding its pooled connection. More clients than the
+pod has connections send one request each at once: `used` of them hold a connection, the rest
+wait and, after pool_timeout, get 503. What GET /metrics exports (summed over the pod's uvicorn
+workers) is compared with what is known without it:
+
+- db.client.connection.count{state=used} with the service's backends that are `active` in
+  pg_stat_activity (blocked on the lock), used + idle with all of its backends (overflow
+  connections included);
+- pending_requests with the clients still waiting (sent - used), until pool_timeout;
+- max and idle.max with workers x (pool_size + max_overflow) and workers x pool_size;
+- timeouts with the 503s the clients received; the counts of wait_time and use_time with the
+  200s (one checkout each); use_time's sum with how long those requests took.
+
+Tolerance: every count must match exactly. A worker publishes its numbers every second, so a
+scrape can see another worker's numbers up to a second late: each comparison polls, for at
+most 4 s, until one scrape matches. use_time's sum must lie between the held requests' summed
+latency minus 0.5 s each (HTTP, admission and the response around the checkout) and that sum.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from harness import PostgresCluster
+from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
+from services import (
+    LambdaEnvironment,
+    RenderedProject,
+    ServiceProcess,
+    held_requests,
+    items_locked,
+    response_json,
+    seed_items,
+    wait_until,
+)
+
+pytestmark = [
+    pytest.mark.realdb,
+    pytest.mark.xdist_group("realdb"),
+    pytest.mark.usefixtures("quiet_database"),
+]
+
+# Clients beyond the pod's connections: they wait for pool_timeout, then get 503.
+EXTRA_CLIENTS = 6
+# A worker publishes every second (prometheus.SNAPSHOT_INTERVAL_SECONDS); allow a few.
+SETTLE_S = 4.0
+PER_REQUEST_OVERHEAD_S = 0.5
+
+
+def scrape(service: ServiceProcess) -> dict[str, float]:
+    """The service's pool numbers from GET /metrics (its pool name's series only)."""
+    url = f"http://127.0.0.1:{service.port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    numbers: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if labels.pop("db_client_connection_pool_name", None) != service.application_name:
+                continue
+            state = labels.pop("db_client_connection_state", None)
+            if labels:
+                continue  # buckets, and connects by error.type
+            numbers[sample.name + (f"{{{state}}}" if state else "")] = sample.value
+    return numbers
+
+
+def used(numbers: dict[str, float]) -> float:
+    return numbers["db_client_connection_count{used}"]
+
+
+def idle(numbers: dict[str, float]) -> float:
+    return numbers["db_client_connection_count{idle}"]
+
+
+TOTALS = (
+    "db_client_connection_timeouts_total",
+    "db_client_connection_wait_time_seconds_count",
+    "db_client_connection_use_time_seconds_count",
+    "db_client_connection_use_time_seconds_sum",
+)
+
+
+def settled(service: ServiceProcess) -> dict[str, float]:
+    """A scrape whose totals held still for longer than a worker's publishing interval."""
+    last = scrape(service)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(1.2)
+        numbers = scrape(service)
+        # A total appears with its first observation, in some worker's file.
+        if all(numbers.get(name) == last.get(name) for name in TOTALS):
+            return numbers
+        last = numbers
+    raise AssertionError(f"metrics never settled: {last}")
+
+
+def backends(database: PostgresCluster, application_name: str) -> tuple[int, int]:
+    """(active, all) client backends of the service in pg_stat_activity."""
+    [(active, total)] = database.psql(
+        "SELECT count(*) FILTER (WHERE state = 'active'), count(*) FROM pg_stat_activity"
+        " WHERE backend_type = 'client backend' AND application_name = %s",
+        (application_name,),
+    )
+    return int(active), int(total)
+
+
+@pytest.mark.parametrize(
+    ("name", "workers"),
+    [("sync", 1), ("sync", 2), ("async", 1), ("async-2w", 2)],
+    ids=["k8s-sync-1-worker", "k8s-sync-2-workers", "k8s-async-1-worker", "k8s-async-2-workers"],
+)
+def test_exported_pool_metrics_match_the_pool_past_its_capacity(
+    name: str,
+    workers: int,
+    project: Callable[[str], RenderedProject],
+    database: PostgresCluster,
+    services: Callable[..., ServiceProcess],
+    app_name: Callable[[str], str],
+) -> None:
+    rendered = project(name)
+    settings = rendered.settings()
+    capacity = settings["pool_size"] + settings["max_overflow"]
+    pool_timeout = settings["pool_timeout"]
+    service = services(
+        rendered, database.dsn(driver=""), app_name(f"metrics-{name}"), WEB_CONCURRENCY=workers
+    )
+    [item] = seed_items(service, 1, "metered")
+    before = settled(service)
+    assert before["db_client_connection_max"] == workers * capacity  # every worker is counted
+    assert before["db_client_connection_idle_max"] == workers * settings["pool_size"]
+    sent = workers * capacity + EXTRA_CLIENTS
+    report: dict[str, object] = {"sent": sent}
+
+    with items_locked(database):
+        held = held_requests(service, f"/items/{item}", sent, timeout=60)
+        started = time.monotonic()
+
+        def saturated() -> bool:
+            numbers = scrape(service)
+            active, total = backends(database, service.application_name)
+            pending = numbers["db_client_connection_pending_requests"]
+            report["saturated"] = {
+                "used": used(numbers),
+                "idle": idle(numbers),
+                "pending": pending,
+                "pg_active": active,
+                "pg_total": total,
+            }
+            return (
+                active > 0
+                and used(numbers) == active
+                and used(numbers) + idle(numbers) == total
+                and used(numbers) + pending == sent
+            )
+
+        # Before pool_timeout: the pool's connections are in use, the other clients wait.
+        assert wait_until(saturated, min(SETTLE_S, pool_timeout - 1)), report
+        holding = report["saturated"]["used"]  # type: ignore[index]
+        assert holding <= workers * capacity
+
+        def timed_out() -> bool:
+            numbers = scrape(service)
+            timeouts = numbers["db_client_connection_timeouts_total"] - before.get(TOTALS[0], 0)
+            report["timed_out"] = {
+                "timeouts": timeouts,
+                "pending": numbers["db_client_connection_pending_requests"],
+                "used": used(numbers),
+            }
+            return (
+                timeouts == sent - holding
+                and numbers["db_client_connection_pending_requests"] == 0
+                and used(numbers) == holding
+            )
+
+        # After pool_timeout: every waiter has timed out; the held connections are still used.
+        time.sleep(max(0.0, pool_timeout - (time.monotonic() - started)))
+        assert wait_until(timed_out, SETTLE_S), report
+    result = held.join(30)
+    ok = result.ok()
+    rejected = [record for record in result.records if record.status == 503]
+    assert len(ok) + len(rejected) == sent, result.summary()
+    assert len(ok) == holding, result.summary()
+
+    after = settled(service)
+    _, total = backends(database, service.application_name)
+    delta = {name: after[name] - before.get(name, 0) for name in TOTALS}
+    report["after"] = {**delta, "used": used(after), "idle": idle(after), "pg_total": total}
+    latency = sum(record.latency for record in ok)
+    report["clients"] = {"200": len(ok), "503": len(rejected), "200 latency sum": latency}
+    print(f"{name} x{workers} workers: {report}")
+    assert delta["db_client_connection_timeouts_total"] == len(rejected), report
+    assert delta["db_client_connection_wait_time_seconds_count"] == len(ok), report
+    assert delta["db_client_connection_use_time_seconds_count"] == len(ok), report
+    assert used(after) == 0 and idle(after) == total, report
+    use_time = delta["db_client_connection_use_time_seconds_sum"]
+    assert latency - PER_REQUEST_OVERHEAD_S * len(ok) <= use_time <= latency, (latency, report)
+
+
+CREATE_TIME = "db.client.connection.create_time"
+ROLE_LIMIT = 3
+
+
+def test_lambda_reports_each_connect_and_each_refusal_by_its_sqlstate(
+    project: Callable[[str], RenderedProject],
+    database: PostgresCluster,
+    app_name: Callable[[str], str],
+) -> None:
+    """More execution environments than the role may open connections: the refused connects
+    come back as EMF values under error.type 53300, one per failed invocation, and every
+    invocation that connected leaves one create_time value (NullPool: one connection each)."""
+    rendered = project("lambda")
+    role = f"metered_{int(time.time() * 1000)}"
+    database.psql(
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'metered' CONNECTION LIMIT {} IN ROLE {}").format(
+            sql.Identifier(role), sql.Literal(ROLE_LIMIT), sql.Identifier(database.app_user)
+        )
+    )
+    url = database.dsn(user=role, password="metered", driver="")
+    name = app_name("metrics-lambda")
+    environments = [LambdaEnvironment(rendered, url, name) for _ in range(2 * ROLE_LIMIT)]
+    responses: list[dict[str, Any]] = []
+    try:
+        for environment in environments:
+            environment.wait_ready()
+        created = environments[0].request("POST", "/items", {"name": "metered"})
+        assert created["statusCode"] == 201, created
+        path = f"/items/{response_json(created)['id']}"
+        assert wait_until(lambda: not database.backends(user=role), 10)
+
+        def invoke(environment: LambdaEnvironment) -> None:
+            responses.append(environment.request("GET", path))
+
+        with items_locked(database):
+            # ROLE_LIMIT invocations connect and block on the lock, holding every slot ...
+            holders = [
+                threading.Thread(target=invoke, args=(environment,), daemon=True)
+                for environment in environments[:ROLE_LIMIT]
+            ]
+            for thread in holders:
+                thread.start()
+            assert wait_until(lambda: len(database.backends(user=role)) == ROLE_LIMIT, 10)
+            # ... so the other environments' connects are refused at once.
+            for environment in environments[ROLE_LIMIT:]:
+                invoke(environment)
+        for thread in holders:
+            thread.join(timeout=30)
+    finally:
+        codes = [environment.close() for environment in environments]
+        database.psql(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+    assert codes == [0] * len(environments)
+
+    refused = [response for response in responses if response["statusCode"] == 599]
+    served = [response for response in responses if response["statusCode"] == 200]
+    assert len(refused) == ROLE_LIMIT and len(served) == ROLE_LIMIT, responses
+    assert all("too many connections" in response["error"] for response in refused), refused
+    records = [record for environment in environments for record in environment.emf()]
+    opened = [
+        value for record in records if "error.type" not in record for value in record[CREATE_TIME]
+    ]
+    by_sqlstate: dict[str, int] = {}
+    for record in records:
+        if "error.type" in record:
+            by_sqlstate[record["error.type"]] = by_sqlstate.get(record["error.type"], 0) + len(
+                record[CREATE_TIME]
+            )
+    print(f"lambda: {len(opened)} connects, refused by SQLSTATE {by_sqlstate}")
+    # The POST and each served GET opened one connection; each refused GET one 53300.
+    assert len(opened) == 1 + len(served), records
+    assert by_sqlstate == {"53300": len(refused)}, records
+    assert all(record["db.client.connection.pool.name"] == name for record in records)

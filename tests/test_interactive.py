@@ -1,0 +1,273 @@
+"""`copier copy` answered by a person: the real prompts in a pseudo-terminal of 80 columns.
+
+Each test runs copier as a team does (no --trust, HEAD of this checkout) under pexpect, feeds
+what it prints to a terminal emulator (pyte) of 80 x 24 and reads the screen as the person
+sees it: what does not fit a line is cut there, as prompt_toolkit and a real terminal cut it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pexpect
+import pyte
+from rendering import TEMPLATE_ROOT, data_args
+
+COLUMNS, ROWS = 80, 24
+ENTER, DOWN, CLEAR_LINE = "\r", "\x1b[B", "\x15"
+CURSOR_POSITION_REQUEST = b"\x1b[6n"
+
+
+class Terminal:
+    """A copier process on a pseudo-terminal, and the screen it draws."""
+
+    def __init__(self, destination: Path, *data: str) -> None:
+        self.screen = pyte.Screen(COLUMNS, ROWS)
+        self.stream = pyte.ByteStream(self.screen)
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST")}
+        env["TERM"] = "xterm"
+        args = ["-m", "copier", "copy", "--vcs-ref", "HEAD", *data, str(TEMPLATE_ROOT)]
+        self.child = pexpect.spawn(
+            sys.executable,
+            [*args, str(destination)],
+            dimensions=(ROWS, COLUMNS),
+            env=env,
+            timeout=60,
+        )
+        self.output = b""
+
+    def _read(self, seconds: float) -> bool:
+        """Feed what copier printed for `seconds` to the screen; False once it has exited."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                data = self.child.read_nonblocking(65536, timeout=0.05)
+            except pexpect.TIMEOUT:
+                continue
+            except pexpect.EOF:
+                return False
+            self.output += data
+            # prompt_toolkit asks where the cursor is; a terminal answers from its screen.
+            parts = data.split(CURSOR_POSITION_REQUEST)
+            for index, part in enumerate(parts):
+                self.stream.feed(part)
+                if index < len(parts) - 1:
+                    row, column = self.screen.cursor.y + 1, self.screen.cursor.x + 1
+                    self.child.send(f"\x1b[{row};{column}R")
+        return True
+
+    def text(self) -> str:
+        return "\n".join(line.rstrip() for line in self.screen.display)
+
+    def flat(self) -> str:
+        """The screen as one line of words: help text wrapped over several lines reads whole."""
+        return " ".join(self.text().split())
+
+    def lines(self) -> list[str]:
+        return [line.rstrip() for line in self.screen.display]
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.text():
+            if time.monotonic() > deadline or not self._read(0.1):
+                raise AssertionError(f"{text!r} never appeared; the screen:\n{self.text()}")
+        self._read(0.2)
+
+    def answer(self, keys: str, then: str) -> None:
+        """Type keys, then wait until `then` is on the screen."""
+        self.child.send(keys)
+        self.wait_for(then)
+
+    def finish(self, timeout: float = 120) -> int:
+        deadline = time.monotonic() + timeout
+        while self._read(0.2):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"copier did not finish; the screen:\n{self.text()}")
+        self.child.close()
+        assert b"Traceback" not in self.output, self.output.decode(errors="replace")[-3000:]
+        return self.child.exitstatus
+
+
+def declared(project: Path) -> dict:
+    return tomllib.loads(
+        (project / "src" / "poolwise_service" / "db" / "topology.toml").read_text()
+    )
+
+
+def test_asyncpg_is_shown_disabled_with_its_reason_and_cannot_be_picked(tmp_path: Path) -> None:
+    project = tmp_path / "service"
+    # Until the templates read max_surge_pods, a typed max_surge is text: give it as data.
+    tui = Terminal(project, "--data", "max_surge=1")
+    tui.wait_for("Name of the service")
+    for keys, then in [
+        (ENTER, "Python package name"),
+        (ENTER, "PostgreSQL cluster"),
+        (ENTER, "max_connections of the cluster"),
+        (ENTER, "Connections held back"),
+        (ENTER, "Clients of the cluster"),
+        (ENTER, "everything else on the cluster"),
+        (ENTER, "Where the service runs"),
+        (DOWN + ENTER, "Connection pooler"),
+        (DOWN + ENTER, "PgBouncer pool_mode"),
+        (ENTER, "PostgreSQL driver of the async engine"),
+    ]:
+        tui.answer(keys, then)
+
+    # The whole reason is on its line, inside 80 columns, beside the disabled choice.
+    disabled = "   - asyncpg (its prepared statements break behind PgBouncer transaction mode)"
+    assert disabled in tui.lines()
+    assert len(disabled) <= COLUMNS
+    # Down skips the disabled choice: the pointer stays on psycopg, and Enter takes psycopg.
+    tui.answer(DOWN, "» psycopg 3 (async mode)")
+    tui.answer(ENTER, "Most pods that can run at once")
+    assert "   psycopg 3 (async mode)" in tui.lines()
+    for then in ["Worker processes per pod", "Connections each process keeps open"]:
+        tui.answer(ENTER, then)
+    for then in ["Extra connections a process", "Seconds a request waits", "Seconds after which"]:
+        tui.answer(ENTER, then)
+    tui.answer(ENTER, "PgBouncer default_pool_size")
+    tui.child.send(ENTER)
+
+    assert tui.finish() == 0
+    assert declared(project)["service"]["driver"] == "psycopg"
+
+
+def test_a_budget_broken_by_earlier_answers_is_refused_and_corrected_at_the_prompt(
+    tmp_path: Path,
+) -> None:
+    project = tmp_path / "service"
+    tui = Terminal(project, "--data", "max_surge=0")
+    tui.wait_for("Name of the service")
+    for keys, then in [
+        (ENTER, "Python package name"),
+        (ENTER, "PostgreSQL cluster"),
+        (ENTER, "max_connections of the cluster"),
+        (CLEAR_LINE + "200" + ENTER, "Connections held back"),
+        (CLEAR_LINE + "0" + ENTER, "Clients of the cluster"),
+        (ENTER, "everything else on the cluster"),
+        (ENTER, "Where the service runs"),
+        (ENTER, "Connection pooler"),
+        (ENTER, "Most pods that can run at once"),
+    ]:
+        tui.answer(keys, then)
+    # The running budget is in the help, and what fits before anything is typed.
+    assert (
+        "Budget: 199 connections left for this service (200 max_connections - 0 reserved"
+        " - 0 others - 1 migration). Fits: at most 198." in tui.flat()
+    )
+    tui.answer(CLEAR_LINE + "6" + ENTER, "Worker processes per pod")
+
+    # 60 workers per pod: refused under the input, in one line of at most 80 columns, naming
+    # the hop, how far over and what fits; the question is asked again, nothing is lost.
+    tui.answer(CLEAR_LINE + "60" + ENTER, "Validation error for question 'workers_per_pod'")
+    refusal = "Validation error for question 'workers_per_pod': app->db over by 221; at most 28"
+    assert refusal in tui.lines()
+    tui.answer(CLEAR_LINE + "2" + ENTER, "Connections each process keeps open")
+    assert (
+        "So far: 7 pods in a rollout (6 + 0 surge + 1 terminating) x 2 workers = 14 processes."
+        " Fits: at most 14." in tui.flat()
+    )
+    tui.answer(CLEAR_LINE + "10" + ENTER, "Extra connections a process may open")
+    assert "With pool_size 10, max_overflow fits: at most 4." in tui.flat()
+
+    # 14 processes x (10 + 10) = 280 + 1 migration = 281 > 200.
+    tui.answer(CLEAR_LINE + "10" + ENTER, "Validation error for question 'max_overflow'")
+    refusal = "Validation error for question 'max_overflow': app->db over by 81: at most 4 fits"
+    assert refusal in tui.lines()
+    assert len(refusal) <= COLUMNS
+    assert "Traceback" not in tui.text()
+    tui.answer(CLEAR_LINE + "4" + ENTER, "Seconds a request waits")
+    tui.answer(ENTER, "Seconds after which")
+    tui.child.send(ENTER)
+
+    assert tui.finish() == 0
+    topology = declared(project)
+    assert topology["processes"]["workers_per_pod"] == 2
+    assert (topology["pool"]["pool_size"], topology["pool"]["max_overflow"]) == (10, 4)
+
+
+def test_a_pooler_the_budget_cannot_fit_is_disabled_and_the_default_moves(
+    tmp_path: Path,
+) -> None:
+    # 4 - 2 reserved leaves 2: a Kubernetes service needs 2 pods in a rollout and a migration.
+    project = tmp_path / "service"
+    tui = Terminal(
+        project,
+        "--data",
+        "db_max_connections=4",
+        "--data",
+        "db_reserved_connections=2",
+        "--data",
+        "max_surge=0",
+    )
+    tui.wait_for("Name of the service")
+    for then in [
+        "Python package name",
+        "PostgreSQL cluster",
+        "Clients of the cluster",
+        "everything else on the cluster",
+        "Where the service runs",
+        "Connection pooler",
+    ]:
+        tui.answer(ENTER, then)
+    disabled = "   - None (direct connections) (app->db needs 3, 2 available)"
+    assert disabled in tui.lines()
+    assert " » PgBouncer" in tui.lines()
+    tui.answer(ENTER, "PgBouncer pool_mode")
+    # Session mode would pin 2 server connections for 2 clients, and 1 is all that is left.
+    assert "   - session (session pool needs 2, 1 available)" in tui.lines()
+    tui.child.sendcontrol("c")
+    tui.finish()
+
+
+def test_max_surge_typed_as_a_percentage_is_counted_in_pods(tmp_path: Path) -> None:
+    project = tmp_path / "service"
+    answers = {"replicas_max": 4, "workers_per_pod": 1, "pool_size": 5, "max_overflow": 5}
+    given = {
+        "project_name": "poolwise-service",
+        "package_name": "poolwise_service",
+        "db_cluster": "main",
+        "db_max_connections": 100,
+        "db_reserved_connections": 3,
+        "db_external_consumers": "{}",
+        "other_consumers": 0,
+        "target": "k8s-sync",
+        "pooler": "none",
+        "pool_timeout": 5,
+        "pool_recycle": 1800,
+        **answers,
+    }
+    tui = Terminal(project, *data_args(given))
+    tui.wait_for("Extra pods a rolling update may start")
+    assert "   1" in tui.lines()
+    tui.answer(CLEAR_LINE + "a quarter" + ENTER, "Validation error for question 'max_surge'")
+    assert any(
+        line.startswith("Validation error for question 'max_surge': max_surge=\"a quarter\"")
+        for line in tui.lines()
+    )
+    tui.child.send(CLEAR_LINE + "30%" + ENTER)
+
+    assert tui.finish() == 0
+    assert declared(project)["processes"]["max_surge"] == 2
+    deployment = (project / "deploy" / "k8s" / "deployment.yaml").read_text()
+    assert "maxSurge: 30%\n" in deployment
+
+
+def test_every_help_fits_80_columns_at_every_supported_answer_set() -> None:
+    # copier prints "🎤 " (3 columns) before a help's first line; the rest carry their indent.
+    from cases import SUPPORTED
+    from test_budget_mirror import answer_context, copier_config, render
+
+    for case in SUPPORTED:
+        context = answer_context(case.answers, interactive=True)
+        for name, question in copier_config().items():
+            if name.startswith("_") or "help" not in question:
+                continue
+            first, *rest = render(question["help"], context).split("\n")
+            assert len(first) <= COLUMNS - 3, f"{case.id}: {name}: {first!r}"
+            for line in rest:
+                assert len(line) <= COLUMNS and line.startswith("   "), f"{name}: {line!r}"
