@@ -46,10 +46,7 @@ SUPPORTED = [
             "driver": "asyncpg",
         },
     ),
-    Case(
-        "k8s-async-asyncpg-rds-proxy",
-        {"target": "k8s-async", "pooler": "rds-proxy", "driver": "asyncpg"},
-    ),
+    Case("k8s-async-psycopg-rds-proxy", {"target": "k8s-async", "pooler": "rds-proxy"}),
     Case("lambda-direct", {"target": "lambda"}),
     Case(
         "lambda-pgbouncer-tiny-pool",
@@ -301,6 +298,13 @@ REFUSED = [
         "other_consumers",
         "other_consumers=5 is not allowed: it must include the 15 connections of"
         " db_external_consumers (datadog-agent 5, metabase 10)",
+    ),
+    Refusal(
+        "asyncpg-behind-rds-proxy",
+        {"target": "k8s-async", "driver": "asyncpg", "pooler": "rds-proxy"},
+        "driver",
+        "driver=asyncpg is not allowed behind RDS Proxy: its prepared statements pin each client"
+        " connection",
     ),
     Refusal("unknown-target", {"target": "ecs"}, "target", "ecs"),
     Refusal("unknown-pooler", {"pooler": "pgpool"}, "pooler", "pgpool"),

@@ -53,6 +53,8 @@ ANSWERS: dict[str, dict[str, Any]] = {
         "driver": "asyncpg",
     },
     "lambda-pgbouncer-pool": {"target": "lambda", "pooler": "pgbouncer", "null_pool": False},
+    "rds-proxy": {"target": "k8s-sync", "pooler": "rds-proxy"},
+    "lambda-rds-proxy": {"target": "lambda", "pooler": "rds-proxy"},
 }
 # The generated pytest's exit code and the CLI's: past the budget both exit 1; a deploy/ that
 # cannot be read fails the test and is the CLI's exit 2 ("unreadable"), never a pass.
@@ -895,6 +897,39 @@ ROWS = [
             " 1 concurrent runs x 2 batch_parallelism x 1 batch_processes x 1 (NullPool) = 2"
             " + 1 migration = 3 > 2",
         ),
+    ),
+    # RDS Proxy's borrow timeout at its 120 s default: saturation hangs instead of failing fast.
+    Row(
+        "rds-proxy-borrow-timeout-default",
+        "rds-proxy",
+        lambda project: replace_once(
+            project,
+            "deploy/rds-proxy/template.yaml",
+            "ConnectionBorrowTimeout: 5\n",
+            "ConnectionBorrowTimeout: 120\n",
+        ),
+        "over",
+        (
+            "deploy/rds-proxy/template.yaml: Resources.ProxyTargetGroup.Properties"
+            ".ConnectionPoolConfigurationInfo.ConnectionBorrowTimeout=120 -> a client waits for"
+            " the proxy longer than the app waits for its own pool (pool_timeout 5 s)",
+        ),
+        restore=True,
+    ),
+    Row(
+        "lambda-rds-proxy-borrow-past-the-function-timeout",
+        "lambda-rds-proxy",
+        lambda project: replace_once(
+            project, SAM, "ConnectionBorrowTimeout: 5\n", "ConnectionBorrowTimeout: 30\n"
+        ),
+        "over",
+        (
+            "ConnectionPoolConfigurationInfo.ConnectionBorrowTimeout=30 -> a client waits for"
+            " the proxy longer than the app waits for its own pool (pool_timeout 5 s)",
+            "ConnectionPoolConfigurationInfo.ConnectionBorrowTimeout=30 -> not below"
+            " deploy/lambda/template.yaml: Resources.ServiceFunction.Properties.Timeout=30 s",
+        ),
+        variant=SAM,
     ),
 ]
 

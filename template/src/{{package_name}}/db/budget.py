@@ -398,6 +398,12 @@ def driver_error(topology: Topology) -> str:
             " connection (prepared statement does not exist); use the psycopg driver, or"
             " pool_mode = session"
         )
+    if topology.pooler == "rds-proxy" and topology.driver == "asyncpg":
+        return (
+            "asyncpg behind RDS Proxy -> its prepared statements pin each client connection to"
+            " its own database connection, so the proxy stops multiplexing and"
+            " MaxConnectionsPercent no longer bounds the service; use the psycopg driver"
+        )
     return ""
 
 

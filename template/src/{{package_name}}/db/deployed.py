@@ -754,7 +754,7 @@ class _KubernetesReader:
         if pooler == "pgbouncer":
             extra = self._pgbouncer(documents, hpas)
         elif pooler == "rds-proxy":
-            extra = _rds_proxy(self.project, RDS_PROXY_TEMPLATE, self.inputs)
+            extra = _rds_proxy(self.project, RDS_PROXY_TEMPLATE, self.inputs, self.findings)
         return budget.Topology(
             target=declared["service"]["target"],
             workloads=workloads,
@@ -988,7 +988,24 @@ def _cloudformation_load(path: Path, relative: str) -> dict[str, Any]:
     return document
 
 
-def _rds_proxy(project: Project, relative: str, inputs: list[Input]) -> dict[str, Any]:
+# RDS Proxy's ConnectionBorrowTimeout when the template leaves it out, and the wait for a pooled
+# connection of a process without a pool (NullPool): a connect that waits longer is refused.
+DEFAULT_BORROW_SECONDS = 120
+NULL_POOL_WAIT_SECONDS = 5
+
+
+def _rds_proxy(
+    project: Project,
+    relative: str,
+    inputs: list[Input],
+    findings: list[str],
+    deadline: tuple[int, str] | None = None,
+) -> dict[str, Any]:
+    """The proxy's share of max_connections; its borrow timeout must fail faster than the app.
+
+    deadline is the tightest (seconds, where) a caller gives up on a request: a Lambda
+    function's Timeout. A borrow that waits longer shows as killed invocations, not errors.
+    """
     template = _cloudformation_load(project.root / relative, relative)
     groups = [
         (name, resource)
@@ -1012,6 +1029,20 @@ def _rds_proxy(project: Project, relative: str, inputs: list[Input]) -> dict[str
         declared = project.declared_value("rds_proxy", "max_connections_percent")
         inputs.append(Input("rds_proxy_max_connections_percent", percent, source, declared))
         total += percent
+        borrow_source = source.replace("MaxConnectionsPercent", "ConnectionBorrowTimeout")
+        borrow = integer(pool.get("ConnectionBorrowTimeout", DEFAULT_BORROW_SECONDS), borrow_source)
+        wait = project.declared_value("pool", "pool_timeout") or NULL_POOL_WAIT_SECONDS
+        if borrow > wait:
+            findings.append(
+                f"{borrow_source}={borrow} -> a client waits for the proxy longer than the app"
+                f" waits for its own pool (pool_timeout {wait} s), so proxy saturation hangs"
+                f" requests instead of failing them fast; set it to {wait}"
+            )
+        if deadline is not None and borrow >= deadline[0]:
+            findings.append(
+                f"{borrow_source}={borrow} -> not below {deadline[1]}={deadline[0]} s: a"
+                " saturated proxy kills invocations instead of answering an error; lower it"
+            )
     return {"rds_proxy_max_connections_percent": total}
 
 
@@ -1021,6 +1052,8 @@ class _SamReader:
         self.variant = variant
         self.inputs: list[Input] = []
         self.findings: list[str] = []
+        # The service function with the shortest Timeout (seconds, where), if any sets one.
+        self.shortest_timeout: tuple[int, str] | None = None
 
     def read(self) -> Reading:
         relative = self.variant
@@ -1054,6 +1087,10 @@ class _SamReader:
                     )
                 continue
             workloads.append(self._function(name, properties, variables, where))
+            # Lambda's own default Timeout is 3 s.
+            timeout = integer(properties.get("Timeout", 3), f"{where}.Timeout")
+            if self.shortest_timeout is None or timeout < self.shortest_timeout[0]:
+                self.shortest_timeout = (timeout, f"{where}.Timeout")
         if not workloads:
             raise Unreadable(
                 f"{relative}: no image function runs the service -> the budget cannot find it;"
@@ -1071,7 +1108,9 @@ class _SamReader:
                 self.findings,
             )
         elif pooler == "rds-proxy":
-            extra = _rds_proxy(self.project, relative, self.inputs)
+            extra = _rds_proxy(
+                self.project, relative, self.inputs, self.findings, self.shortest_timeout
+            )
         topology = budget.Topology(
             target=declared["service"]["target"],
             workloads=tuple(workloads),
