@@ -43,6 +43,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -436,6 +437,7 @@ def main() -> int:
             print("counting instructions (valgrind) ...")
             empty = Variant("empty", "empty_handler", event, str(handwritten_dir), handwritten_dir)
             counted = {v.label: instructions(v, url) for v in [*variants, empty]}
+    shutil.rmtree(workdir, ignore_errors=True)
     section = report(args, info, variants, own, counted, started)
     print(section)
     if args.write:
