@@ -154,9 +154,6 @@ class Project:
         path = matches[0]
         return cls(root, path.parent.parent.name, budget.load_declared(path))
 
-    def relative(self, path: str | Path) -> str:
-        return str(PurePosixPath(path))
-
     @property
     def limits_file(self) -> str:
         return f"src/{self.package}/db/database_limits.toml"
@@ -164,10 +161,6 @@ class Project:
     @property
     def topology_file(self) -> str:
         return self.declared_file or f"src/{self.package}/db/topology.toml"
-
-    @property
-    def target(self) -> str:
-        return self.declared["service"]["target"]
 
     @property
     def container(self) -> str:
@@ -421,6 +414,47 @@ class _Env:
         return {name: value for name, (value, _) in self.values.items()}
 
 
+def env_int(
+    project: Project, findings: list[str], env: _Env, variable: str, default: int, declared: Any
+) -> Input:
+    """A number from the environment (or its declared default), range-checked by its rule."""
+    rule = BUDGET_VARIABLES.get(variable) or RANGE_VARIABLES[variable]
+    if variable in env.values:
+        raw, source = env.values[variable]
+        value = integer(raw, source)
+    else:
+        source = f"{project.topology_file}: default, {variable} is not set"
+        value = default
+    try:
+        budget.at_least_minimum(rule, value, source)
+    except budget.OutOfRange as refusal:
+        findings.append(f"{refusal}; fix {variable}")
+    return Input(rule, value, source, declared)
+
+
+def pool_share(project: Project, findings: list[str], env: _Env) -> tuple[list[Input], int, int]:
+    """(inputs, pool_size, max_overflow) of one process, from its environment or the declared
+    pool; more than the declared share is a finding, since the process would refuse to start
+    (db/guard.py). NullPool has no numbers to read."""
+    pool = project.declared["pool"]
+    if pool["null_pool"]:
+        return [], 0, 0
+    size = env_int(project, findings, env, "POOL_SIZE", pool["pool_size"], pool["pool_size"])
+    overflow = env_int(
+        project, findings, env, "POOL_MAX_OVERFLOW", pool["max_overflow"], pool["max_overflow"]
+    )
+    declared_share = pool["pool_size"] + pool["max_overflow"]
+    if size.value + overflow.value > declared_share:
+        findings.append(
+            f"{size.source}={size.value} and {overflow.source}={overflow.value} ->"
+            f" {size.value + overflow.value} connections per process, but"
+            f" {project.topology_file} declares pool_size + max_overflow ="
+            f" {declared_share} and each process refuses to start past it (db/guard.py);"
+            " change [pool] there too, so the budget and the guard agree"
+        )
+    return [size, overflow], size.value, overflow.value
+
+
 class _KubernetesReader:
     def __init__(self, project: Project, variant: str) -> None:
         self.project = project
@@ -582,20 +616,6 @@ class _KubernetesReader:
                 )
         return env
 
-    def _env_int(self, env: _Env, variable: str, default: int, declared: Any) -> Input:
-        rule = BUDGET_VARIABLES.get(variable) or RANGE_VARIABLES[variable]
-        if variable in env.values:
-            raw, source = env.values[variable]
-            value = integer(raw, source)
-        else:
-            source = f"{self.project.topology_file}: default, {variable} is not set"
-            value = default
-        try:
-            budget.at_least_minimum(rule, value, source)
-        except budget.OutOfRange as refusal:
-            self.findings.append(f"{refusal}; fix {variable}")
-        return Input(rule, value, source, declared)
-
     # -- one workload
 
     def _workload(
@@ -606,31 +626,11 @@ class _KubernetesReader:
         hpas: dict[tuple[Any, Any], dict[str, Any]],
         where: str,
     ) -> budget.Workload:
-        declared = self.project.declared
-        pool = declared["pool"]
         name = f"{doc['kind']}/{doc['metadata']['name']}"
-        inputs: list[Input] = []
-        null_pool = bool(pool["null_pool"])
-        pool_size = max_overflow = 0
-        if not null_pool:
-            size = self._env_int(env, "POOL_SIZE", pool["pool_size"], pool["pool_size"])
-            overflow = self._env_int(
-                env, "POOL_MAX_OVERFLOW", pool["max_overflow"], pool["max_overflow"]
-            )
-            inputs += [size, overflow]
-            pool_size, max_overflow = size.value, overflow.value
-            declared_share = pool["pool_size"] + pool["max_overflow"]
-            if pool_size + max_overflow > declared_share:
-                self.findings.append(
-                    f"{size.source}={pool_size} and {overflow.source}={max_overflow} ->"
-                    f" {pool_size + max_overflow} connections per process, but"
-                    f" {self.project.topology_file} declares pool_size + max_overflow ="
-                    f" {declared_share} and each process refuses to start past it (db/guard.py);"
-                    " change [pool] there too, so the budget and the guard agree"
-                )
+        inputs, pool_size, max_overflow = pool_share(self.project, self.findings, env)
         for variable in RANGE_VARIABLES:
             if variable in env.values:
-                self._env_int(env, variable, 1, None)
+                env_int(self.project, self.findings, env, variable, 1, None)
         if doc["kind"] == "Deployment":
             workload = self._deployment(doc, container, env, hpas, where, name, inputs)
         else:
@@ -638,7 +638,7 @@ class _KubernetesReader:
         self.inputs += inputs
         return budget.Workload(
             name=name,
-            null_pool=null_pool,
+            null_pool=bool(self.project.declared["pool"]["null_pool"]),
             pool_size=pool_size,
             max_overflow=max_overflow,
             **workload,
@@ -660,7 +660,9 @@ class _KubernetesReader:
             item = Input("workers_per_pod", workers, f"{where}.command/args --workers", declared)
             budget.at_least_minimum("workers_per_pod", workers, item.source)
         else:
-            item = self._env_int(env, "WEB_CONCURRENCY", declared or 1, declared)
+            item = env_int(
+                self.project, self.findings, env, "WEB_CONCURRENCY", declared or 1, declared
+            )
         inputs.append(item)
         if declared is not None and item.value > declared:
             self.findings.append(
@@ -725,7 +727,14 @@ class _KubernetesReader:
             Input("batch_parallelism", parallelism, source, declared.get("batch_parallelism"))
         )
         default = declared.get("batch_processes", 1)
-        processes = self._env_int(env, "BATCH_PROCESSES", default, declared.get("batch_processes"))
+        processes = env_int(
+            self.project,
+            self.findings,
+            env,
+            "BATCH_PROCESSES",
+            default,
+            declared.get("batch_processes"),
+        )
         inputs.append(processes)
         if processes.value > default:
             self.findings.append(
@@ -1141,40 +1150,15 @@ class _SamReader:
                 declared["processes"].get("lambda_reserved_concurrency"),
             )
         )
-        pool = declared["pool"]
-        pool_size = max_overflow = 0
-        if not pool["null_pool"]:
-            prefix = f"{where}.Environment.Variables"
-            numbers = []
-            for variable, rule in (
-                ("POOL_SIZE", "pool_size"),
-                ("POOL_MAX_OVERFLOW", "max_overflow"),
-            ):
-                if variable in variables:
-                    source = f"{prefix}.{variable}"
-                    value = integer(variables[variable], source)
-                else:
-                    source = f"{self.project.topology_file}: default, {variable} is not set"
-                    value = pool[rule]
-                try:
-                    budget.at_least_minimum(rule, value, source)
-                except budget.OutOfRange as refusal:
-                    self.findings.append(str(refusal))
-                numbers.append(Input(rule, value, source, pool[rule]))
-            self.inputs += numbers
-            pool_size, max_overflow = numbers[0].value, numbers[1].value
-            if pool_size + max_overflow > pool["pool_size"] + pool["max_overflow"]:
-                self.findings.append(
-                    f"{numbers[0].source}={pool_size} and {numbers[1].source}={max_overflow} ->"
-                    f" more connections per process than {self.project.topology_file} declares,"
-                    " and each process refuses to start past it (db/guard.py); change [pool]"
-                    " there too"
-                )
+        prefix = f"{where}.Environment.Variables"
+        env = _Env({key: (str(value), f"{prefix}.{key}") for key, value in variables.items()})
+        numbers, pool_size, max_overflow = pool_share(self.project, self.findings, env)
+        self.inputs += numbers
         return budget.Workload(
             kind="lambda",
             name=f"Function/{name}",
             replicas=reserved,
-            null_pool=bool(pool["null_pool"]),
+            null_pool=bool(declared["pool"]["null_pool"]),
             pool_size=pool_size,
             max_overflow=max_overflow,
         )
