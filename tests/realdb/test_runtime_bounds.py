@@ -77,30 +77,23 @@ def bounded_role(
 def faulty(
     bounded_role: str,
     project: Callable[[str], RenderedProject],
-    realdb_dir: Path,
+    services: Callable[..., ServiceProcess],
     app_name: Callable[[str], str],
-) -> Iterator[Callable[[str], ServiceProcess]]:
-    started: list[ServiceProcess] = []
+) -> Callable[[str], ServiceProcess]:
+    """A rendered service with the /fault endpoints (faultapp.py), running as the bounded role."""
 
     def start(name: str) -> ServiceProcess:
         rendered = project(name)
-        service = ServiceProcess(
+        return services(
             rendered,
             bounded_role,
             app_name(f"bounds-{name}"),
-            realdb_dir,
             argv=[str(FAULT_APP)],
             PACKAGE=rendered.package,
             WEB_CONCURRENCY=1,
         )
-        started.append(service)
-        service.start()
-        service.wait_ready()
-        return service
 
-    yield start
-    for service in started:
-        service.kill()
+    return start
 
 
 def checked_out(service: ServiceProcess) -> int:
