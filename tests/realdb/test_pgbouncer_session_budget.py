@@ -11,8 +11,9 @@ there the app side only has to fit max_client_conn.
 
 Every engine here is a "process" of the app side with its own QueuePool; its connections carry
 the application_name ``<test prefix>-p<i>``, and a linked server connection shows that name in
-pg_stat_activity (harness.py docstring), so counts never mix with other tests' connections. Only
-the session-scoped ``postgres`` cluster is shared (no rendered project is needed here).
+pg_stat_activity (see the docstring of harness/pgbouncer.py), so counts never mix with other
+tests' connections. Only the session-scoped ``postgres`` cluster is shared (no rendered project
+is needed here).
 """
 
 from __future__ import annotations
