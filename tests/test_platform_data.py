@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 from rendering import TEMPLATE_ROOT, copier_copy, python, run_checked
+from tools import kubectl
 
 PLATFORM = TEMPLATE_ROOT / "examples" / "platform.yml"
 
@@ -44,6 +45,7 @@ def test_the_example_file_answers_the_database_questions(tmp_path: Path) -> None
         - platform["db_reserved_connections"]
         - platform["other_consumers"]
     )
+    kubectl("the budget command's reading of deploy/k8s")
     table = run_checked(python("-m", "poolwise_service.db.budget"), project / "src")
     assert f"{available} available (db_max_connections {platform['db_max_connections']}" in table
 

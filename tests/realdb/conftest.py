@@ -8,7 +8,6 @@ nothing.
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import PgBouncer, PostgresCluster, missing_requirements
 from services import RenderedProject, ServiceProcess, render
+from tools import in_ci
 
 REALDB_MARKER = "realdb: needs real PostgreSQL/PgBouncer processes (tests/realdb harness)"
 _skip_reasons: set[str] = set()
@@ -68,15 +68,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"realdb tier skipped: {reason}", yellow=True)
 
 
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def _require(*, pgbouncer: bool) -> None:
     reason = missing_requirements(pgbouncer=pgbouncer)
     if reason is None:
         return
-    if _ci():
+    if in_ci():
         pytest.fail(f"realdb tier cannot run in CI: {reason}", pytrace=False)
     _skip_reasons.add(reason)
     pytest.skip(reason)
