@@ -1,20 +1,15 @@
-"""Shared fixtures for the template tests: render with pytest-copie."""
+"""Shared fixtures for the template tests; what they do lives in rendering.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from rendering import render_with_copie
 
 
 @pytest.fixture
-def render(copie):
+def render(copie) -> Callable[[dict], Path]:
     """Render one answer set with pytest-copie and return the project directory."""
-
-    def _render(answers: dict) -> Path:
-        result = copie.copy(extra_answers=answers)
-        assert result.exception is None, f"rendering {answers} failed: {result.exception}"
-        assert result.project_dir is not None
-        return Path(result.project_dir)
-
-    return _render
+    return lambda answers: render_with_copie(copie, answers)

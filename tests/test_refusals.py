@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 from cases import K8S_FITS, REFUSED, Refusal
-from rendering import TEMPLATE_ROOT, copier_copy, data_args
+from rendering import TEMPLATE_ROOT, copier_copy, data_args, render_with_copie
 
 
 @pytest.mark.parametrize("refusal", REFUSED, ids=lambda refusal: refusal.id)
 def test_refused_answers_name_the_value_the_rule_and_the_fix(copie, refusal: Refusal) -> None:
-    result = copie.copy(extra_answers=refusal.answers)
-    assert result.exception is not None, f"{refusal.answers} was accepted"
-    message = str(result.exception)
+    with pytest.raises(ValueError) as refused:
+        render_with_copie(copie, refusal.answers)
+    message = str(refused.value)
     assert refusal.message in message
     assert f"question '{refusal.question}'" in message or refusal.question in message
     # One line: the whole refusal fits on the line copier prints.
