@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import re
 import shutil
 import statistics
@@ -53,12 +52,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 import load as bench  # noqa: E402  (bench/load.py: machine description, realdb imports)
 from harness import PostgresCluster, missing_requirements  # noqa: E402
-from services import RenderedProject, render  # noqa: E402
+from rendering import clean_env  # noqa: E402
+from services import render  # noqa: E402
 
 RESULTS = BENCH / "RESULTS.md"
 BEGIN = "<!-- cold-start:begin (written by bench/cold_start.py) -->"
@@ -168,8 +167,7 @@ class Variant:
 
 
 def sample(variant: Variant, database_url: str) -> dict[str, float]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PG"))}
-    env.update(PYTHONPATH=variant.pythonpath, DATABASE_URL=database_url)
+    env = clean_env(without_pg=True, PYTHONPATH=variant.pythonpath, DATABASE_URL=database_url)
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", PROBE, variant.module, str(variant.event)],
@@ -197,8 +195,12 @@ def sample(variant: Variant, database_url: str) -> dict[str, float]:
 
 def instructions(variant: Variant, database_url: str) -> int:
     """Instructions one sample executes (valgrind callgrind): the same on a busy machine."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PG"))}
-    env.update(PYTHONPATH=variant.pythonpath, DATABASE_URL=database_url, PYTHONHASHSEED="0")
+    env = clean_env(
+        without_pg=True,
+        PYTHONPATH=variant.pythonpath,
+        DATABASE_URL=database_url,
+        PYTHONHASHSEED="0",
+    )
     proc = subprocess.run(
         [
             "valgrind",
@@ -225,8 +227,7 @@ def instructions(variant: Variant, database_url: str) -> int:
 
 def own_import_times(variant: Variant, database_url: str, package: str) -> list[tuple[str, int]]:
     """Self time (us) of the project's own modules in one ``python -X importtime`` import."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PG"))}
-    env.update(PYTHONPATH=variant.pythonpath, DATABASE_URL=database_url)
+    env = clean_env(without_pg=True, PYTHONPATH=variant.pythonpath, DATABASE_URL=database_url)
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", f"import {variant.module}"],
         cwd=variant.cwd,
@@ -252,21 +253,6 @@ def compile_bytecode(directory: Path) -> None:
         capture_output=True,
         timeout=300,
     )
-
-
-def render_at(ref: str, destination: Path) -> RenderedProject:
-    import copier
-
-    copier.run_copy(
-        src_path=str(REPO),
-        dst_path=destination,
-        data={"target": "lambda"},
-        defaults=True,
-        unsafe=False,
-        vcs_ref=ref,
-        quiet=True,
-    )
-    return RenderedProject(destination)
 
 
 def ms(seconds: float) -> str:
@@ -405,7 +391,7 @@ def main() -> int:
         ),
     ]
     if args.compare_ref:
-        older = render_at(args.compare_ref, workdir / "older")
+        older = render(workdir / "older", {"target": "lambda"}, vcs_ref=args.compare_ref)
         variants.append(
             Variant(
                 f"generated@{args.compare_ref}",

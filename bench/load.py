@@ -41,6 +41,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+# tests/realdb for harness, loadgen and services; tests/ for rendering, which services uses.
+sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "tests" / "realdb"))
 
 from harness import (  # noqa: E402

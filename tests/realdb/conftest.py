@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 
-# Why: with `--import-mode=importlib` pytest does not put this directory on sys.path, and
-# there is deliberately no __init__.py here; make `import harness` work in every mode.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Why: with `--import-mode=importlib` pytest does not put this directory (nor tests/, for
+# `import rendering`) on sys.path, and there is deliberately no __init__.py in either; make
+# `import harness` and `import rendering` work in every mode.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # first, as before
 
 from harness import PgBouncer, PostgresCluster, missing_requirements
 from services import RenderedProject, ServiceProcess, render

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import copier
+import rendering
 from harness import PostgresCluster, free_port, pid_alive
 from loadgen import BackgroundLoad, repeat_get, request
 
@@ -34,24 +34,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 30.0
 
 
-def render(destination: Path, answers: dict[str, Any]) -> RenderedProject:
-    """Render the template (working tree, uncommitted changes included) with ``answers``."""
-    copier.run_copy(
-        src_path=str(REPO_ROOT),
-        dst_path=destination,
-        data=answers,
-        defaults=True,
-        unsafe=False,
-        vcs_ref="HEAD",
-        quiet=True,
-    )
-    return RenderedProject(destination)
+def render(destination: Path, answers: dict[str, Any], **options: Any) -> RenderedProject:
+    """Render the template (working tree, uncommitted changes included) with ``answers``.
 
-
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PG"))}
-    env.pop("PYTHONPATH", None)
-    return env
+    ``options`` go to :func:`rendering.render` (``vcs_ref`` for another release, ...).
+    """
+    return RenderedProject(rendering.render(destination, answers, **options))
 
 
 @dataclass
@@ -78,8 +66,11 @@ class RenderedProject:
         return self.answers["project_name"]
 
     def env(self, **overrides: str | int) -> dict[str, str]:
-        env = _clean_env()
-        env["PYTHONPATH"] = str(self.root / "src")
+        """The project's processes' environment: its src/ importable, no PG* variables of ours.
+
+        Connections go only where the DATABASE_URL given in ``overrides`` says.
+        """
+        env = rendering.clean_env(without_pg=True, PYTHONPATH=str(self.root / "src"))
         env.update({k: str(v) for k, v in overrides.items()})
         return env
 

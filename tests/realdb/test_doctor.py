@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ import pytest
 from harness import ADMIN_APP_NAME, BOUNCER_PROBE_APP_NAME, PgBouncer, PostgresCluster, free_port
 from loadgen import BackgroundLoad, items_mix
 from psycopg import sql
+from rendering import clean_env
 from services import (
     REPO_ROOT,
     LambdaEnvironment,
@@ -96,12 +96,10 @@ EXPECTED_CHECKS = {
 
 def poolwise(*args: str) -> subprocess.CompletedProcess[str]:
     """The real command, as a platform job runs it (from this checkout, not installed)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PYTEST_"))}
-    env["PYTHONPATH"] = str(REPO_ROOT / "src")
     return subprocess.run(
         [sys.executable, "-m", "poolwise", *args],
         cwd=REPO_ROOT,
-        env=env,
+        env=clean_env(without_pg=True, PYTHONPATH=str(REPO_ROOT / "src")),
         capture_output=True,
         text=True,
         timeout=120,

@@ -13,12 +13,12 @@ import sys
 import threading
 from collections.abc import Callable
 
-import copier
 import psycopg
 import pytest
 from harness import ActivitySampler, PgBouncer, PostgresCluster
 from loadgen import items_mix, load
-from services import REPO_ROOT, RenderedProject, ServiceProcess, seed_items
+from rendering import render
+from services import RenderedProject, ServiceProcess, seed_items
 
 pytestmark = [
     pytest.mark.realdb,
@@ -111,19 +111,14 @@ def test_the_failure_mode_is_real_psycopg_prepares_through_transaction_mode(
 
 def test_asyncpg_behind_transaction_mode_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="asyncpg is not allowed behind PgBouncer transaction"):
-        copier.run_copy(
-            src_path=str(REPO_ROOT),
-            dst_path=tmp_path / "refused",
-            data={
+        render(
+            tmp_path / "refused",
+            {
                 "target": "k8s-async",
                 "pooler": "pgbouncer",
                 "pgbouncer_pool_mode": "transaction",
                 "driver": "asyncpg",
             },
-            defaults=True,
-            unsafe=False,
-            vcs_ref="HEAD",
-            quiet=True,
         )
     assert not (tmp_path / "refused" / "src").exists()
 
