@@ -10,7 +10,6 @@ CLI table showing that they were counted right. A few rows restore deploy/ and p
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -19,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import copier
 import pytest
 import yaml
-from rendering import TEMPLATE_ROOT
+from rendering import clean_env, render
 from tools import kubectl
 
 PACKAGE = "poolwise_service"
@@ -946,15 +944,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     def project(answers: str) -> Path:
         if answers not in cache:
             destination = tmp_path_factory.mktemp(f"rendered-{answers}") / "project"
-            copier.run_copy(
-                str(TEMPLATE_ROOT),
-                str(destination),
-                data=ANSWERS[answers],
-                defaults=True,
-                vcs_ref="HEAD",
-                quiet=True,
-            )
-            cache[answers] = destination
+            cache[answers] = render(destination, ANSWERS[answers])
         return cache[answers]
 
     return project
@@ -963,10 +953,8 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
 def in_project(
     project: Path, *args: str, path: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
-    env["PYTHONPATH"] = "src"
-    if path is not None:
-        env["PATH"] = path
+    """Run this interpreter in the project with its src/ importable (and PATH, when given)."""
+    env = clean_env(PYTHONPATH="src", **({"PATH": path} if path is not None else {}))
     return subprocess.run(
         [sys.executable, *args],
         cwd=project,
