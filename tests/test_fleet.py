@@ -8,7 +8,6 @@ subprocess, so the exit codes are the ones a CI job sees.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
-from rendering import TEMPLATE_ROOT, data_args
+from rendering import TEMPLATE_ROOT, clean_env, copier_copy, succeeded
 
 # main at the 0.1.0 release (tests/test_update.py builds its tag the same way).
 RELEASE_0_1_0 = "639afbe"
@@ -29,27 +28,19 @@ SERVICES = {
 }
 
 
-def copier_copy(destination: Path, ref: str, answers: dict) -> None:
-    command = [sys.executable, "-m", "copier", "copy", "--defaults", "--vcs-ref", ref]
-    result = subprocess.run(
-        [*command, *data_args(answers), str(TEMPLATE_ROOT), str(destination)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def service_repo(destination: Path, ref: str, answers: dict) -> None:
+    """A service repository rendered with the CLI from `ref`, as its team rendered it."""
+    succeeded(copier_copy(destination, answers=answers, vcs_ref=ref, timeout=180))
 
 
 def poolwise(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """The installed command's entry point, run from the checkout's src/."""
-    env = {**os.environ, "PYTHONPATH": str(TEMPLATE_ROOT / "src")}
     return subprocess.run(
         [sys.executable, "-m", "poolwise", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=180,
-        env=env,
+        env=clean_env(PYTHONPATH=str(TEMPLATE_ROOT / "src")),
         check=False,
     )
 
@@ -59,10 +50,10 @@ def repos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of service repositories: three from this checkout, one from 0.1.0."""
     root = tmp_path_factory.mktemp("repos")
     for name, answers in SERVICES.items():
-        copier_copy(root / name, "HEAD", {"project_name": name, **CLUSTER, **answers})
+        service_repo(root / name, "HEAD", {"project_name": name, **CLUSTER, **answers})
     # Generated before db_cluster existed: the fleet puts it on the cluster its answers name
     # (the default, main) and reads its deploy/ with today's loader.
-    copier_copy(root / "legacy-api", RELEASE_0_1_0, {"project_name": "legacy-api"})
+    service_repo(root / "legacy-api", RELEASE_0_1_0, {"project_name": "legacy-api"})
     return root
 
 
@@ -111,7 +102,7 @@ def test_services_that_each_fit_alone_but_not_together_exit_1(repos: Path, tmp_p
     crowded = copy_of(repos, tmp_path)
     # search-api alone: (11 + 1 + 1) x 10 + 1 = 131 <= 197 - 60 other_consumers, so its own
     # budget test passes; with the three others (75) the cluster needs 206 of 197.
-    copier_copy(
+    service_repo(
         crowded / "search-api",
         "HEAD",
         {"project_name": "search-api", **CLUSTER, "replicas_max": 11, "other_consumers": 60},
