@@ -9,29 +9,24 @@ Each test works on a throwaway git copy of this template with its own release ta
 
 A service is generated from v1.0.0 with the CLI, committed, edited the way teams edit services,
 committed again, and updated with `copier update --defaults` exactly as the README documents.
+
+POOLWISE_TEST_COPIER=/path/to/bin/copier runs these tests with another copier (see
+rendering.copier_program), for example the _min_copier_version of copier.yml in its own venv.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 import yaml
-from rendering import TEMPLATE_ROOT, python, run_checked
+from rendering import TEMPLATE_ROOT, copier_cli, python, run, run_checked, succeeded
 
-# POOLWISE_TEST_COPIER=/path/to/bin/copier runs these tests with another copier, for example the
-# _min_copier_version of copier.yml in its own virtualenv.
-COPIER = (
-    [os.environ["POOLWISE_TEST_COPIER"]]
-    if os.environ.get("POOLWISE_TEST_COPIER")
-    else [sys.executable, "-m", "copier"]
-)
 PACKAGE = "poolwise_service"
 # What the template needs to render; the rest of the repository is not part of a release.
 TEMPLATE_PATHS = ["copier.yml", "includes", "template", "hooks"]
@@ -92,6 +87,13 @@ def test_version_endpoint(settings: Settings) -> None:
 '''
 
 NEW_DEPENDENCY = '"orjson>=3.10",'
+# The commits of the tests and of `copier update` must not depend on the machine's git config.
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "poolwise test",
+    "GIT_AUTHOR_EMAIL": "test@poolwise.invalid",
+    "GIT_COMMITTER_NAME": "poolwise test",
+    "GIT_COMMITTER_EMAIL": "test@poolwise.invalid",
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -99,23 +101,8 @@ NEW_DEPENDENCY = '"orjson>=3.10",'
 
 def sh(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a command as a user would: no pytest variables, a git identity for commits."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
-    env.pop("PYTHONPATH", None)
-    env.update(
-        GIT_AUTHOR_NAME="poolwise test",
-        GIT_AUTHOR_EMAIL="test@poolwise.invalid",
-        GIT_COMMITTER_NAME="poolwise test",
-        GIT_COMMITTER_EMAIL="test@poolwise.invalid",
-    )
-    result = subprocess.run(
-        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    if check:
-        assert result.returncode == 0, (
-            f"{' '.join(args)} failed in {cwd} (exit {result.returncode}):\n"
-            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        )
-    return result
+    result = run(args, cwd, env=GIT_IDENTITY)
+    return succeeded(result, cwd) if check else result
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -145,8 +132,12 @@ def replace_once(pattern: str, replacement: str) -> Callable[[str], str]:
     return change
 
 
-def copier(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return sh([*COPIER, *args], cwd, check=check)
+def copier(
+    command: Literal["copy", "update"], *args: str, cwd: Path, check: bool = True, **options: Any
+) -> subprocess.CompletedProcess[str]:
+    """The copier CLI with --defaults (rendering.copier_cli), run like sh()."""
+    result = copier_cli(command, *args, cwd=cwd, env=GIT_IDENTITY, **options)
+    return succeeded(result, cwd) if check else result
 
 
 def last_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -269,22 +260,19 @@ def template_0_1_0_and_this(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def generate(
     template: Path,
     project: Path,
-    *data: str,
+    answers: dict[str, Any] | None = None,
+    *,
     data_file: Path | None = None,
     release: str = "v1.0.0",
 ) -> Path:
     """`copier copy` from a release (v1.0.0 unless given), then the team's first commit."""
-    answers = [arg for item in data for arg in ("--data", item)]
-    if data_file is not None:
-        answers += ["--data-file", str(data_file)]
     copier(
         "copy",
-        "--defaults",
-        "--vcs-ref",
-        release,
-        *answers,
-        str(template),
-        str(project),
+        template=template,
+        destination=project,
+        vcs_ref=release,
+        answers=answers,
+        data_file=data_file,
         cwd=project.parent,
     )
     git(project, "init", "--quiet", "--initial-branch=main")
@@ -355,7 +343,7 @@ def test_update_brings_the_fix_and_keeps_the_teams_edits(
     project = generate(template_1_1, tmp_path / "orders")
     team_edits(project)
 
-    result = copier("update", "--defaults", cwd=project)
+    result = copier("update", cwd=project)
 
     assert "Updating to template version 1.1.0" in result.stderr
     answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
@@ -377,7 +365,7 @@ def test_a_real_conflict_is_left_as_markers_and_listed_as_unmerged(
     )
     commit(project, "our database is far away")
 
-    result = copier("update", "--defaults", cwd=project)
+    result = copier("update", cwd=project)
 
     # Copier exits 0 with a conflict; the README's check is what finds it.
     assert result.returncode == 0
@@ -396,28 +384,22 @@ def test_an_answer_that_breaks_the_budget_is_refused_like_at_copy_time(
     template_1_1: Path, tmp_path: Path
 ) -> None:
     # The budget's factors are pinned here, so the message below does not follow the defaults.
-    topology = ("replicas_max=3", "max_surge=1", "pool_size=5", "max_overflow=5")
-    limits = ("db_max_connections=110", "db_reserved_connections=3", "other_consumers=40")
-    project = generate(template_1_1, tmp_path / "orders", *topology, *limits)
+    topology = {"replicas_max": 3, "max_surge": 1, "pool_size": 5, "max_overflow": 5}
+    limits = {"db_max_connections": 110, "db_reserved_connections": 3, "other_consumers": 40}
+    project = generate(template_1_1, tmp_path / "orders", {**topology, **limits})
     before = tree(project)
     head = git(project, "rev-parse", "HEAD")
 
     # Pods: 3 + 1 surge + 1 terminating. 8 workers: 5 x 8 x (5 + 5) = 400 > 67. 2 workers:
     # 101 > 67, but it would fit the 107 left if the recorded other_consumers=40 were lost.
     for workers in ("8", "2"):
-        update = copier(
-            "update", "--defaults", "--data", f"workers_per_pod={workers}", cwd=project, check=False
-        )
+        update = copier("update", answers={"workers_per_pod": workers}, cwd=project, check=False)
         copy = copier(
             "copy",
-            "--defaults",
-            "--vcs-ref",
-            "v1.1.0",
-            *(arg for item in (*topology, *limits) for arg in ("--data", item)),
-            "--data",
-            f"workers_per_pod={workers}",
-            str(template_1_1),
-            str(tmp_path / f"copy-{workers}"),
+            template=template_1_1,
+            destination=tmp_path / f"copy-{workers}",
+            vcs_ref="v1.1.0",
+            answers={**topology, **limits, "workers_per_pod": workers},
             cwd=tmp_path,
             check=False,
         )
@@ -436,9 +418,7 @@ def test_an_answer_that_breaks_the_budget_is_refused_like_at_copy_time(
         assert git(project, "rev-parse", "HEAD") == head
 
     # An answer change within budget goes through and is checked by the project's own tests.
-    copier(
-        "update", "--defaults", "--data", "workers_per_pod=1", "--data", "pool_size=4", cwd=project
-    )
+    copier("update", answers={"workers_per_pod": 1, "pool_size": 4}, cwd=project)
     answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
     assert (answers["other_consumers"], answers["pool_size"]) == (40, 4)
     declared = (project / "src" / PACKAGE / "db" / "topology.toml").read_text()
@@ -454,12 +434,12 @@ def test_a_moved_file_keeps_the_teams_edits_through_the_migration(
     before = tree(project)
 
     # The migration runs Python from the template: copier asks for --trust, changes nothing.
-    refused = copier("update", "--defaults", cwd=project, check=False)
+    refused = copier("update", cwd=project, check=False)
     assert refused.returncode == 4
     assert "migrations" in refused.stderr
     assert tree(project) == before
 
-    result = copier("update", "--defaults", "--trust", cwd=project)
+    result = copier("update", "--trust", cwd=project)
 
     assert "Updating to template version 1.2.0" in result.stderr
     assert f"poolwise migration: moved {OLD_TEST} -> {NEW_TEST}, kept your edits" in result.stderr
@@ -478,7 +458,7 @@ def test_an_edit_that_collides_with_the_moved_files_change_is_a_conflict(
     edit(project / OLD_TEST, replace_once(r'^"""(.*)"""$', r'"""\1 Ours."""'))
     commit(project, "our note on the engine tests")
 
-    result = copier("update", "--defaults", "--trust", cwd=project)
+    result = copier("update", "--trust", cwd=project)
 
     assert "1 conflict(s) between your edits and the release" in result.stderr
     assert unmerged(project) == [NEW_TEST]
@@ -503,16 +483,13 @@ def test_the_platform_team_rolls_out_new_limits_with_its_data_file(
     crowded.write_text(
         re.sub(r"(?m)^other_consumers: \d+$", "other_consumers: 370", platform.read_text())
     )
-    refused = copier("update", "--defaults", "--data-file", str(crowded), cwd=project, check=False)
+    refused = copier("update", data_file=crowded, cwd=project, check=False)
     copy = copier(
         "copy",
-        "--defaults",
-        "--vcs-ref",
-        "v1.1.0",
-        "--data-file",
-        str(crowded),
-        str(template_1_1),
-        str(tmp_path / "copy"),
+        template=template_1_1,
+        destination=tmp_path / "copy",
+        vcs_ref="v1.1.0",
+        data_file=crowded,
         cwd=tmp_path,
         check=False,
     )
@@ -526,7 +503,7 @@ def test_the_platform_team_rolls_out_new_limits_with_its_data_file(
     bigger.write_text(
         re.sub(r"(?m)^db_max_connections: \d+$", "db_max_connections: 800", platform.read_text())
     )
-    copier("update", "--defaults", "--data-file", str(bigger), cwd=project)
+    copier("update", data_file=bigger, cwd=project)
     assert "max_connections = 800\n" in limits.read_text()
     assert (
         yaml.safe_load((project / ".copier-answers.yml").read_text())["db_max_connections"] == 800
@@ -554,7 +531,7 @@ def test_a_service_generated_from_0_1_0_updates_to_this_release(
     edit(configmap, replace_once(r'^  POOL_SIZE: "5"$', '  POOL_SIZE: "4"'))
     commit(project, "our endpoint, orjson, a smaller pool")
 
-    result = copier("update", "--defaults", cwd=project)
+    result = copier("update", cwd=project)
 
     assert "Updating to template version 0.2.0" in result.stderr
     assert unmerged(project) == []
@@ -573,12 +550,12 @@ def test_an_async_service_on_the_0_1_0_defaults_is_told_how_to_fit_the_rollout_t
     template_0_1_0_and_this: Path, tmp_path: Path
 ) -> None:
     project = generate(
-        template_0_1_0_and_this, tmp_path / "events", "target=k8s-async", release="v0.1.0"
+        template_0_1_0_and_this, tmp_path / "events", {"target": "k8s-async"}, release="v0.1.0"
     )
     before = tree(project)
 
     # 0.1.0 counted 4 pods x 20; with the pod still terminating in a rollout it is 5 x 20 > 97.
-    refused = copier("update", "--defaults", cwd=project, check=False)
+    refused = copier("update", cwd=project, check=False)
     assert refused.returncode == 1
     assert "(3 replicas_max + 1 max_surge + 1 terminating) x 1 workers_per_pod" in last_line(
         refused
@@ -586,7 +563,7 @@ def test_an_async_service_on_the_0_1_0_defaults_is_told_how_to_fit_the_rollout_t
     assert "Fix: at 5 processes pool_size + max_overflow must be <= 19" in last_line(refused)
     assert tree(project) == before
 
-    copier("update", "--defaults", "--data", "pool_size=8", "--data", "max_overflow=8", cwd=project)
+    copier("update", answers={"pool_size": 8, "max_overflow": 8}, cwd=project)
     assert unmerged(project) == []
     assert '  POOL_SIZE: "8"\n' in (project / "deploy" / "k8s" / "configmap.yaml").read_text()
     assert_project_checks_pass(project)
