@@ -7,15 +7,13 @@ sees it: what does not fit a line is cut there, as prompt_toolkit and a real ter
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 import tomllib
 from pathlib import Path
 
 import pexpect
 import pyte
-from rendering import TEMPLATE_ROOT, data_args
+from rendering import clean_env, copier_argv, data_args
 
 COLUMNS, ROWS = 80, 24
 ENTER, DOWN, CLEAR_LINE = "\r", "\x1b[B", "\x15"
@@ -28,14 +26,14 @@ class Terminal:
     def __init__(self, destination: Path, *data: str) -> None:
         self.screen = pyte.Screen(COLUMNS, ROWS)
         self.stream = pyte.ByteStream(self.screen)
-        env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST")}
-        env["TERM"] = "xterm"
-        args = ["-m", "copier", "copy", "--vcs-ref", "HEAD", *data, str(TEMPLATE_ROOT)]
+        # The command line and environment of rendering.copier_cli, without --defaults so
+        # copier asks; only the process is pexpect's, on a pseudo-terminal copier can draw on.
+        program, *args = copier_argv("copy", *data, destination=destination, defaults=False)
         self.child = pexpect.spawn(
-            sys.executable,
-            [*args, str(destination)],
+            program,
+            args,
             dimensions=(ROWS, COLUMNS),
-            env=env,
+            env=clean_env(TERM="xterm"),
             timeout=60,
         )
         self.output = b""
