@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 # Why: with `--import-mode=importlib` pytest does not put this directory (nor tests/, for
-# `import rendering`) on sys.path, and there is deliberately no __init__.py in either; make
-# `import harness` and `import rendering` work in every mode.
+# `import rendering` and `import tools`) on sys.path, and there is deliberately no __init__.py
+# in either; make those imports and `import harness` work in every mode.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # first, as before
 
