@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 
-# Why: with `--import-mode=importlib` pytest does not put this directory (nor tests/, for
-# `import rendering` and `import tools`) on sys.path, and there is deliberately no __init__.py
-# in either; make those imports and `import harness` work in every mode.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # first, as before
+# Why: with `--import-mode=importlib` pytest does not put this directory on sys.path, and
+# there is deliberately no __init__.py here; make `import harness` work in every mode. (tests/,
+# for `import rendering` and `import tools`, is on it through pyproject's pytest pythonpath.)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import PgBouncer, PostgresCluster, missing_requirements
 from services import RenderedProject, ServiceProcess, render
