@@ -37,7 +37,6 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Literal, Self
 
 import psycopg
@@ -48,6 +47,7 @@ from .processes import (
     BOUNCER_PROBE_APP_NAME,
     HOST,
     READY_TIMEOUT_S,
+    Started,
     _as_service_user,
     _make_owned_tempdir,
     _port_accepts,
@@ -62,7 +62,7 @@ from .processes import (
 PoolMode = Literal["session", "transaction", "statement"]
 
 
-class PgBouncer:
+class PgBouncer(Started):
     """A private PgBouncer in front of a :class:`PostgresCluster`, exposing database ``app``."""
 
     def __init__(
@@ -143,17 +143,6 @@ class PgBouncer:
         """Stop and start the process on the same port and config; returns once it serves."""
         self._terminate()
         self._spawn()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def dsn(
         self, driver: str = "psycopg", *, user: str | None = None, password: str | None = None

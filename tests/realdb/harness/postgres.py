@@ -11,7 +11,6 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
 
@@ -24,6 +23,7 @@ from .processes import (
     HOST,
     READY_TIMEOUT_S,
     SERVICE_USER,
+    Started,
     _as_service_user,
     _like_prefix,
     _make_owned_tempdir,
@@ -37,7 +37,7 @@ from .processes import (
 )
 
 
-class PostgresCluster:
+class PostgresCluster(Started):
     """A private PostgreSQL cluster on 127.0.0.1 with role/db ``app`` (password auth).
 
     ``pg_hba.conf`` only allows ``host ... 127.0.0.1/32 scram-sha-256``: password auth over
@@ -136,17 +136,6 @@ class PostgresCluster:
         """
         self._pg_ctl("restart", "-m", "fast", "-t", str(int(READY_TIMEOUT_S)), "-l", self.log_file)
         self._wait_ready()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- client helpers
     def dsn(

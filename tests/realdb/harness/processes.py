@@ -14,6 +14,8 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 SERVICE_USER = "postgres"
 """OS user the servers run as when we are root (created by ``apt-get install postgresql``)."""
@@ -178,3 +180,24 @@ def _port_accepts(port: int, timeout: float = 0.5) -> bool:
 
 def _like_prefix(prefix: str) -> str:
     return re.sub(r"([\\%_])", r"\\\1", prefix) + "%"
+
+
+class Started:
+    """`with server:` starts it and stops it however the block ends."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -6,16 +6,15 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, Self
 
 import psycopg
 
 from .postgres import PostgresCluster
-from .processes import SAMPLER_APP_NAME, _like_prefix
+from .processes import SAMPLER_APP_NAME, Started, _like_prefix
 
 
-class ActivitySampler:
+class ActivitySampler(Started):
     """Background thread counting ``pg_stat_activity`` client backends every ``interval`` s.
 
     Keeps every count in ``samples`` and the maximum in ``peak``. Always bounded: daemon
@@ -62,17 +61,6 @@ class ActivitySampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def running(self) -> bool:
