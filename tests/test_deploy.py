@@ -228,14 +228,14 @@ def test_deploy_files_build_and_validate_offline(render, case: Case) -> None:
 
     # The loader reads back from deploy/ exactly the topology db/topology.toml declares.
     script = (
-        "import dataclasses, sys\n"
+        "import sys\n"
         "from pathlib import Path\n"
         "sys.path[:0] = ['src']\n"
         "from {package}.db import budget, deployed\n"
         "reading = deployed.read_variant(Path('.'), deployed.variants(Path('.'))[0])\n"
         "declared = budget.declared_topology(budget.load_declared())\n"
-        "unnamed = tuple(dataclasses.replace(w, name='') for w in reading.topology.workloads)\n"
-        "read = dataclasses.replace(reading.topology, workloads=unnamed)\n"
+        "unnamed = tuple(w._replace(name='') for w in reading.topology.workloads)\n"
+        "read = reading.topology._replace(workloads=unnamed)\n"
         "assert read == declared, (read, declared)\n"
         "assert not [item for item in reading.inputs if item.changed], reading.inputs\n"
         "assert not reading.problems(), reading.problems()\n"

@@ -547,7 +547,7 @@ def _pgbouncer_verdicts(cluster: fleet.Cluster, bouncer: PgBouncerState) -> list
         # The driver against the mode PgBouncer really runs, not the declared one.
         breaks = []
         for mode in modes:
-            live = dataclasses.replace(topology, pool_mode=mode)
+            live = topology._replace(pool_mode=mode)
             if mode == "transaction" and _prepares_server_side(service) and max_prepared == 0:
                 breaks.append(
                     budget.driver_error(live)

@@ -100,12 +100,12 @@ class RenderedProject:
         connection included), plus the pgbouncer knobs.
         """
         code = f"""
-            import dataclasses, json
+            import json
             from {self.package}.db import budget
             declared = budget.declared_topology(budget.load_declared())
             overrides = {{"terminating": 0, **{workload_overrides!r}}}
-            workload = dataclasses.replace(declared.workloads[0], **overrides)
-            topology = dataclasses.replace(declared, workloads=(workload,))
+            workload = declared.workloads[0]._replace(**overrides)
+            topology = declared._replace(workloads=(workload,))
             print(json.dumps({{
                 "per_process": workload.per_process,
                 "processes": workload.processes,

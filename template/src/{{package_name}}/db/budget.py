@@ -15,9 +15,8 @@ import math
 import re
 import sys
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 # Alembic runs as one NullPool connection (the migration Job, or a one-off task) next to the app.
 MIGRATION_CONNECTIONS = 1
@@ -28,12 +27,12 @@ POOL_MODES = ("transaction", "session")
 # A Job is one run; Forbid never overlaps two runs; Replace can while the old run's pods stop.
 CONCURRENT_RUNS = {"": 1, "Forbid": 1, "Replace": 2}
 
-# The smallest value each number may take. SQLAlchemy reads pool_size 0 and max_overflow -1 as
-# "no limit", so a smaller value is not a small pool but an unbounded one.
 # Command-line flags that set a worker count (uvicorn --workers, gunicorn -w), and shells whose
 # `-c` string holds the real command line.
 WORKER_FLAGS = ("--workers", "-w")
 SHELLS = ("sh", "bash", "dash", "ash", "/bin/sh", "/bin/bash", "/bin/dash", "/bin/ash")
+# The smallest value each number may take. SQLAlchemy reads pool_size 0 and max_overflow -1 as
+# "no limit", so a smaller value is not a small pool but an unbounded one.
 MINIMUMS = {
     "pool_size": 1,
     "max_overflow": 0,
@@ -123,8 +122,10 @@ def workers_in_command(argv: list[str], env: dict[str, str] | None = None) -> in
         raise ValueError(f"--workers {found!r} is not a whole number") from None
 
 
-@dataclass(frozen=True)
-class DatabaseLimits:
+# The records below are NamedTuples, not frozen dataclasses: a Lambda imports this module on
+# every cold start, where defining four frozen dataclasses cost 14 M instructions, the largest
+# share of the generated handler's import (bench/RESULTS.md, cold start).
+class DatabaseLimits(NamedTuple):
     """What PostgreSQL can give this service; owned by the platform team."""
 
     max_connections: int
@@ -143,8 +144,7 @@ class DatabaseLimits:
         )
 
 
-@dataclass(frozen=True)
-class Workload:
+class Workload(NamedTuple):
     """A group of identical processes that can be alive at once, each with its own pool.
 
     kind "k8s" is a Deployment's pods (replicas is the HPA's maxReplicas or spec.replicas, plus
@@ -211,8 +211,7 @@ class Workload:
         return f"{prefix}{self.processes_formula()} x {self.per_process_formula()} = {self.total}"
 
 
-@dataclass(frozen=True)
-class Topology:
+class Topology(NamedTuple):
     """Everything that multiplies into the worst case: the workloads and the path to PostgreSQL."""
 
     target: str
@@ -241,8 +240,7 @@ class Topology:
         return self.pgbouncer_default_pool_size + self.pgbouncer_reserve_pool_size
 
 
-@dataclass(frozen=True)
-class Check:
+class Check(NamedTuple):
     """One hop of the path to PostgreSQL: what can arrive, against what may arrive."""
 
     hop: str
