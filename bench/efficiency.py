@@ -40,7 +40,6 @@ from harness import ActivitySampler, PostgresCluster, missing_requirements  # no
 from loadgen import load  # noqa: E402
 from services import ServiceProcess, render  # noqa: E402
 
-RESULTS = BENCH / "RESULTS.md"
 BEGIN = "<!-- efficiency:begin (written by bench/efficiency.py) -->"
 END = "<!-- efficiency:end -->"
 POOL = {"pool_size": 5, "max_overflow": 5}
@@ -191,14 +190,7 @@ def main() -> int:
     section = report(args, runs, time.monotonic() - started)
     print(section)
     if args.write:
-        text = RESULTS.read_text()
-        if BEGIN in text:
-            head, rest = text.split(BEGIN, 1)
-            text = head + section + rest.split(END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        RESULTS.write_text(text)
-        print(f"wrote {RESULTS}")
+        bench.replace_section(section, BEGIN, END)
     return 0
 
 

@@ -339,6 +339,19 @@ def report(
     return "\n".join(lines)
 
 
+def replace_section(section: str, begin: str, end: str) -> None:
+    """Put `section` (its own begin and end markers included) in RESULTS.md in place of the
+    text between those markers, or at the end of the file when it has none yet."""
+    text = RESULTS.read_text()
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+    print(f"wrote {RESULTS}")
+
+
 def write_results(section: str) -> None:
     existing = RESULTS.read_text() if RESULTS.exists() else ""
     if BEGIN in existing and END in existing:

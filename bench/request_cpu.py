@@ -33,7 +33,6 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-RESULTS = BENCH / "RESULTS.md"
 BEGIN = "<!-- request-cpu:begin (written by bench/request_cpu.py) -->"
 END = "<!-- request-cpu:end -->"
 CONCURRENCY = 10
@@ -151,14 +150,7 @@ def main() -> int:
     section = report(args, variants, samples, time.monotonic() - started, bench.machine())
     print(section)
     if args.write:
-        text = RESULTS.read_text()
-        if BEGIN in text:
-            head, rest = text.split(BEGIN, 1)
-            text = head + section + rest.split(END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        RESULTS.write_text(text)
-        print(f"wrote {RESULTS}")
+        bench.replace_section(section, BEGIN, END)
     return 0
 
 
