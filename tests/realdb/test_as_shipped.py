@@ -355,7 +355,14 @@ def lambda_function(
             outcome = api.invoke(event, alive=lambda: proc.poll() is None)
         except AssertionError as failure:
             raise AssertionError(f"`{' '.join(command)}`: {failure}\n{logs()}") from None
-        assert outcome.kind == "response", (outcome, logs())
+        if outcome.kind != "response":
+            body = outcome.body
+            if not isinstance(body, dict):
+                body = {"errorMessage": body}
+            raise AssertionError(
+                f"`{' '.join(command)}` answered a function error,"
+                f" {body.get('errorType')}: {body.get('errorMessage')}\n{logs()}"
+            )
         return outcome.body
 
     try:
