@@ -14,7 +14,8 @@ Two parts are this machine's, not the image's: the interpreter (a Python of the 
 version, see :func:`base_interpreter`) and the service's dependencies, which the venv sees
 through a ``.pth`` line naming the test environment's site-packages instead of installing them
 from PyPI again (the service is installed ``--no-deps``; ``pip check`` proves every requirement
-is met). The service package itself is only ever the built wheel's.
+is met, and their console scripts, ``alembic`` among them, are written to the venv's bin as pip
+would). The service package itself is only ever the built wheel's.
 """
 
 from __future__ import annotations
@@ -241,8 +242,9 @@ class ShippedImage:
         """The prefix that runs a command as the image's USER (nothing when we are not root).
 
         Like the realdb harness runs PostgreSQL: setpriv exec()s, so the pid we hold is the
-        process's own. The ids are the Dockerfile's; like in the image, /etc/passwd need not
-        know them (no supplementary groups, HOME=/).
+        process's own. The ids are the Dockerfile's numeric USER, which this machine's
+        /etc/passwd need not know: no supplementary groups, and HOME=/ (see env()), as
+        unwritable as the image user's home, which useradd --no-create-home never made.
         """
         if os.geteuid() != 0:
             return []
@@ -311,10 +313,18 @@ class ShippedImage:
 
     @staticmethod
     def _workdir(stage: Stage) -> str:
-        workdir = stage.last("WORKDIR")
-        if workdir is None or not workdir.arguments.startswith("/"):
-            raise DockerfileError(f"stage {stage.name or stage.base}: no absolute WORKDIR")
-        return workdir.arguments
+        """The stage's one absolute WORKDIR, which every relative COPY and `pip install` follow."""
+        workdirs = stage.all("WORKDIR")
+        if len(workdirs) != 1 or not workdirs[0].arguments.startswith("/"):
+            name = stage.name or stage.base
+            raise DockerfileError(f"stage {name}: expected one absolute WORKDIR")
+        position = stage.instructions.index(workdirs[0])
+        for instruction in stage.instructions[:position]:
+            relative_copy = instruction.keyword == "COPY" and "from" not in instruction.words()[0]
+            if relative_copy or PIP_INSTALL_RUN.match(instruction.arguments):
+                where = f"{instruction.keyword} {instruction.arguments}"
+                raise DockerfileError(f"{where}: comes before the stage's WORKDIR")
+        return workdirs[0].arguments
 
     def _copy_from_context(self, stage: Stage) -> None:
         """The stage's COPY instructions from the build context (the rendered project).
@@ -394,7 +404,7 @@ class ShippedImage:
     def _dependency_scripts(self) -> None:
         """The console scripts pip would have put in the venv's bin with the dependencies
         (``alembic``, which the migration Job runs), for the installed service's requirements
-        and theirs, as the image's interpreter evaluates their markers."""
+        and theirs; markers are evaluated by this interpreter, of the venv's minor version."""
         # The venv's own site-packages holds one distribution: the service.
         (service,) = importlib.metadata.distributions(path=[str(self.site_packages)])
         for dist in requirement_closure(service):
