@@ -25,6 +25,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from cases import SUPPORTED, Case
+from ports import free_port
 from rendering import python, run, run_checked
 from tools import kubectl, require
 
@@ -148,9 +149,7 @@ def check_pgbouncer_loads(project: Path) -> None:
         workdir.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
         (workdir / "databases.ini").write_text(f"{PACKAGE} = host=127.0.0.1 port=1 dbname=x\n")
         (workdir / "userlist.txt").write_text('"app" "not-a-real-password"\n')
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         ini = (project / "deploy" / "pgbouncer" / "pgbouncer.ini").read_text()
         ini = ini.replace("/etc/pgbouncer/secret/", f"{workdir}/")
         ini = ini.replace("listen_addr = 0.0.0.0", "listen_addr = 127.0.0.1")
