@@ -96,7 +96,7 @@ def alter_role(role: str, limit: int) -> str:
     return (
         sql.SQL("ALTER ROLE {} CONNECTION LIMIT {};")
         .format(sql.Identifier(role), sql.Literal(int(limit)))
-        .as_string()
+        .as_string(None)
     )
 
 
@@ -104,7 +104,7 @@ def create_role(role: str, limit: int) -> str:
     return (
         sql.SQL("CREATE ROLE {} LOGIN CONNECTION LIMIT {};")
         .format(sql.Identifier(role), sql.Literal(int(limit)))
-        .as_string()
+        .as_string(None)
     )
 
 
@@ -116,7 +116,7 @@ def create_or_alter_role(role: str, limit: int) -> str:
     """
     # psycopg writes a literal with a backslash as ` E'...'` (a leading space: it may follow
     # an identifier); the complete token is kept, only the space is dropped.
-    name = sql.Literal(role).as_string().lstrip()
+    name = sql.Literal(role).as_string(None).lstrip()
     body = "\n".join(
         [
             "",
