@@ -615,6 +615,14 @@ REFUSED = [
         "max_surge",
         'max_surge="025%" is not allowed',
     ),
+    Refusal(
+        "external-consumer-count-octal",
+        {"db_external_consumers": "{datadog-agent: 5, metabase: 010}", "other_consumers": 13},
+        "db_external_consumers",
+        'db_external_consumers["metabase"]="010" is not allowed: it must be plain decimal digits'
+        " (no sign, leading 0, '_', ':', '0x' or space), and YAML reads \"010\" as 8; write"
+        " metabase: 8 if that is the number you mean.",
+    ),
     # Package names Python itself holds: the project's tests could not import the package.
     Refusal(
         "package-name-dunder-main",
