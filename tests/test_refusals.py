@@ -108,7 +108,9 @@ def test_a_data_file_answer_that_used_to_slip_through_is_refused(
 
 # Numbers are plain decimal digits. --data hands copier text, which YAML 1.1 reads: "1:30" as
 # 90 (base 60), "010" as 8 (octal), "0x10" as 16, "1_0" as 10, "+5" and " 5" as 5; "5.0" is a
-# float and "1e3" a string. Each is refused by name, with what YAML made of it and the fix.
+# float and "1e3" a string. Each is refused by name, with what YAML made of it and the fix. The
+# database is big enough for 90 replicas, so no budget refusal hides a misread number.
+ROOMY = "db_max_connections: 2000\n"
 SPELLINGS = {
     "1:30": 90,
     "010": 8,
@@ -140,7 +142,9 @@ def refused_spelling(text: str) -> str:
 @pytest.mark.parametrize("text", [*SPELLINGS, *NOT_WHOLE])
 def test_a_number_given_with_data_must_be_plain_decimal_digits(tmp_path: Path, text: str) -> None:
     destination = tmp_path / "refused"
-    result = copier_copy(destination, "--data", f"replicas_max={text}")
+    result = copier_copy(
+        destination, "--data", "db_max_connections=2000", "--data", f"replicas_max={text}"
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == refused_spelling(text)
     assert not destination.exists()
@@ -158,7 +162,7 @@ def test_a_number_in_a_data_file_must_be_plain_decimal_digits(
     tmp_path: Path, line: str, text: str
 ) -> None:
     platform = tmp_path / "platform.yml"
-    platform.write_text(line + "\n")
+    platform.write_text(ROOMY + line + "\n")
     destination = tmp_path / "refused"
     result = copier_copy(destination, "--data-file", str(platform))
     assert result.returncode == 1
