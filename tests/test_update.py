@@ -867,21 +867,21 @@ def assert_the_target_edits_kept(project: Path, target: str) -> None:
         assert "orders.count_orders(session)" in (project / JOB).read_text()
 
 
+CONFLICT_BLOCK = re.compile(
+    rf"^{CONFLICT_START}\n(.*?)^=======\n(.*?)^>>>>>>> after updating\n", re.MULTILINE | re.DOTALL
+)
+
+
 def take_sides(text: str, resolve: Callable[[str, str], str]) -> str:
     """``text`` with each conflict block replaced by ``resolve(ours, the release's)``."""
-    return re.sub(
-        rf"^{CONFLICT_START}\n(.*?)^=======\n(.*?)^>>>>>>> after updating\n",
-        lambda block: resolve(block[1], block[2]),
-        text,
-        flags=re.MULTILINE | re.DOTALL,
-    )
+    return CONFLICT_BLOCK.sub(lambda block: resolve(block[1], block[2]), text)
 
 
 def resolve_the_first_update(project: Path, target: str, release: str) -> None:
     """What a team does with FIRST_UPDATE_CONFLICTS, as the CHANGELOG says, then commits."""
     readme = project / "README.md"
     # The release's "Notes from the team" section, then what the team had appended.
-    readme.write_text(take_sides(readme.read_text(), lambda ours, new: f"{new}\n{ours}"))
+    readme.write_text(take_sides(readme.read_text(), lambda ours, new: f"{new}\n{ours.lstrip()}"))
     if release == "v0.1.0" and target.startswith("k8s"):
         app = project / APP
         edit(app, lambda text: take_sides(text, lambda ours, new: new))
@@ -927,8 +927,8 @@ def test_a_service_of_every_target_updates_from_each_release_with_the_teams_edit
     conflicts = FIRST_UPDATE_CONFLICTS[release].get(target, [])
     assert unmerged(project) == ["README.md", *conflicts]
     readme = (project / "README.md").read_text()
-    assert readme.count(CONFLICT_START) == 1
-    assert f"{CONFLICT_START}\n{RUNBOOK[1:]}=======\n" in readme
+    ours = [block[0].strip("\n") for block in CONFLICT_BLOCK.findall(readme)]
+    assert ours == [RUNBOOK.strip("\n")]
     assert readme.endswith(f"{NOTES_FROM_THE_TEAM}>>>>>>> after updating\n")
     assert sh(["git", "grep", "-l", CONFLICT_START], project, check=False).stdout.split() == [
         "README.md",
