@@ -927,8 +927,8 @@ def test_a_service_of_every_target_updates_from_each_release_with_the_teams_edit
     conflicts = FIRST_UPDATE_CONFLICTS[release].get(target, [])
     assert unmerged(project) == ["README.md", *conflicts]
     readme = (project / "README.md").read_text()
-    ours = [block[0].strip("\n") for block in CONFLICT_BLOCK.findall(readme)]
-    assert ours == [RUNBOOK.strip("\n")]
+    teams_side = [block[0].strip("\n") for block in CONFLICT_BLOCK.findall(readme)]
+    assert teams_side == [RUNBOOK.strip("\n")]
     assert readme.endswith(f"{NOTES_FROM_THE_TEAM}>>>>>>> after updating\n")
     assert sh(["git", "grep", "-l", CONFLICT_START], project, check=False).stdout.split() == [
         "README.md",
