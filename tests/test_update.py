@@ -7,6 +7,9 @@ Each test works on a throwaway git copy of this template with its own release ta
     v1.2.0  (separate copy) tests/test_engine_profile.py moves to tests/db/, with a change, and a
             `_migrations` entry that carries the project's edits to the new path
 
+and the real releases (template_releases): v0.1.0 and v0.2.0 as released (git tags do not travel
+with a clone, so they are made from the release commits) and this checkout as v0.3.0.
+
 A service is generated from v1.0.0 with the CLI, committed, edited the way teams edit services,
 committed again, and updated with `copier update --defaults` exactly as the README documents.
 
@@ -31,8 +34,11 @@ PACKAGE = "poolwise_service"
 # What the template needs to render; the rest of the repository is not part of a release.
 TEMPLATE_PATHS = ["copier.yml", "includes", "template", "hooks"]
 CONFLICT_START = "<<<<<<< before updating"
-# main at the 0.1.0 release: services generated from it must update to this checkout.
+# main at the 0.1.0 and 0.2.0 releases: services generated from them must update to this checkout.
 RELEASE_0_1_0 = "639afbe"
+RELEASE_0_2_0 = "013d1ed"
+# This checkout, tagged newer than every real release so that `copier update` picks it.
+THIS_RELEASE = "v0.3.0"
 
 ENGINE = f"src/{PACKAGE}/db/engine.py"
 ENGINE_FIX = "CONNECT_TIMEOUT_SECONDS = 2"
@@ -87,6 +93,7 @@ def test_version_endpoint(settings: Settings) -> None:
 '''
 
 NEW_DEPENDENCY = '"orjson>=3.10",'
+ACCEPTED_CHECK = "| `CKV_K8S_21` default namespace | added in 1.1.0 |\n"
 # The commits of the tests and of `copier update` must not depend on the machine's git config.
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "poolwise test",
@@ -187,7 +194,12 @@ def release_1_1(repo: Path) -> None:
     edit(engine, replace_once(r"^CONNECT_TIMEOUT_SECONDS = (?!2$)\d+$", ENGINE_FIX))
     (repo / "template/src/{{package_name}}/db/pool_status.py").write_text(POOL_STATUS)
     (repo / "template/tests/test_pool_status.py.jinja").write_text(POOL_STATUS_TEST)
-    commit(repo, "engine: fail a connect in 2 s; pool_status()", tag="v1.1.0")
+    # A new last row of the README's last table, right where teams append their notes.
+    edit(
+        repo / "template/README.md.jinja",
+        replace_once(r"(?=\n## Notes from the team\n)|\Z", ACCEPTED_CHECK),
+    )
+    commit(repo, "engine: fail a connect in 2 s; pool_status(); a checkov exception", tag="v1.1.0")
 
 
 def release_1_2(repo: Path) -> None:
@@ -225,32 +237,38 @@ def template_1_2(template_1_1: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="module")
-def template_0_1_0_and_this(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real 0.1.0 release (main at RELEASE_0_1_0) as v0.1.0, this checkout as v0.2.0."""
-    found = sh(["git", "cat-file", "-e", f"{RELEASE_0_1_0}^{{commit}}"], TEMPLATE_ROOT, False)
-    assert found.returncode == 0, (
-        f"commit {RELEASE_0_1_0} (release 0.1.0) is not in this clone's history; clone the"
-        " repository with its history (not --depth 1) to run the update tests"
-    )
-    repo = tmp_path_factory.mktemp("poolwise-0.1.0") / "poolwise"
+def template_releases(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """0.1.0 and 0.2.0 as released (main at their commits), this checkout as THIS_RELEASE."""
+    for release in (RELEASE_0_1_0, RELEASE_0_2_0):
+        found = sh(["git", "cat-file", "-e", f"{release}^{{commit}}"], TEMPLATE_ROOT, False)
+        assert found.returncode == 0, (
+            f"commit {release} (a release) is not in this clone's history; clone the"
+            " repository with its history (not --depth 1) to run the update tests"
+        )
+    repo = tmp_path_factory.mktemp("poolwise-releases") / "poolwise"
     repo.mkdir()
-    subprocess.run(
-        f"git archive --format=tar {RELEASE_0_1_0} {' '.join(TEMPLATE_PATHS)} | tar -x -C {repo}",
-        shell=True,
-        cwd=TEMPLATE_ROOT,
-        check=True,
-        timeout=120,
-    )
     git(repo, "init", "--quiet", "--initial-branch=main")
-    commit(repo, "poolwise 0.1.0", tag="v0.1.0")
-    for name in TEMPLATE_PATHS:
-        path = repo / name
-        if path.is_dir():
-            shutil.rmtree(path)
+    for source, tag in ((RELEASE_0_1_0, "v0.1.0"), (RELEASE_0_2_0, "v0.2.0"), (None, THIS_RELEASE)):
+        for name in TEMPLATE_PATHS:
+            path = repo / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        if source is None:
+            copy_working_tree(repo)
         else:
-            path.unlink()
-    copy_working_tree(repo)
-    commit(repo, "poolwise 0.2.0", tag="v0.2.0")
+            subprocess.run(
+                f"git archive --format=tar {source} {' '.join(TEMPLATE_PATHS)} | tar -x -C {repo}",
+                shell=True,
+                cwd=TEMPLATE_ROOT,
+                check=True,
+                timeout=120,
+            )
+        assert git(repo, "status", "--porcelain"), (
+            f"{tag} has the same template files as the release before it"
+        )
+        commit(repo, f"poolwise {tag[1:]}", tag=tag)
     return repo
 
 
@@ -302,7 +320,9 @@ def team_edits(project: Path) -> None:
         project / "pyproject.toml",
         replace_once(r"^dependencies = \[\n", rf"\g<0>    {NEW_DEPENDENCY}\n"),
     )
-    commit(project, "our endpoint, a smaller pool, orjson")
+    readme = project / "README.md"
+    readme.write_text(readme.read_text() + RUNBOOK)
+    commit(project, "our endpoint, a smaller pool, orjson, our runbook")
 
 
 def assert_team_edits_kept(project: Path, engine_profile_test: str = OLD_TEST) -> None:
@@ -313,9 +333,11 @@ def assert_team_edits_kept(project: Path, engine_profile_test: str = OLD_TEST) -
     assert '  POOL_SIZE: "4"\n' in (project / "deploy" / "k8s" / "configmap.yaml").read_text()
     assert "    assert pool.size() == 4\n" in (project / engine_profile_test).read_text()
     assert NEW_DEPENDENCY in (project / "pyproject.toml").read_text()
+    assert (project / "README.md").read_text().endswith(NOTES_FROM_THE_TEAM + RUNBOOK)
 
 
 def assert_release_1_1_arrived(project: Path) -> None:
+    assert f"\n{ACCEPTED_CHECK}\n" in (project / "README.md").read_text()
     assert f"\n{ENGINE_FIX}\n" in (project / ENGINE).read_text()
     assert (project / "src" / PACKAGE / "db" / "pool_status.py").read_text() == POOL_STATUS
     assert (project / "tests" / "test_pool_status.py").is_file()
@@ -512,9 +534,9 @@ def test_the_platform_team_rolls_out_new_limits_with_its_data_file(
 
 
 def test_a_service_generated_from_0_1_0_updates_to_this_release(
-    template_0_1_0_and_this: Path, tmp_path: Path
+    template_releases: Path, tmp_path: Path
 ) -> None:
-    project = generate(template_0_1_0_and_this, tmp_path / "orders", release="v0.1.0")
+    project = generate(template_releases, tmp_path / "orders", release="v0.1.0")
     package = project / "src" / PACKAGE
     assert (package / "db" / "topology.py").is_file()
     # What teams did on 0.1.0: an endpoint, a dependency, a smaller pool in the ConfigMap.
@@ -533,7 +555,7 @@ def test_a_service_generated_from_0_1_0_updates_to_this_release(
 
     result = copier("update", cwd=project)
 
-    assert "Updating to template version 0.2.0" in result.stderr
+    assert f"Updating to template version {THIS_RELEASE[1:]}" in result.stderr
     assert unmerged(project) == []
     # The rendered snapshot (Python) is replaced by data and the loader of deploy/.
     assert not (package / "db" / "topology.py").exists()
@@ -547,10 +569,10 @@ def test_a_service_generated_from_0_1_0_updates_to_this_release(
 
 
 def test_an_async_service_on_the_0_1_0_defaults_is_told_how_to_fit_the_rollout_term(
-    template_0_1_0_and_this: Path, tmp_path: Path
+    template_releases: Path, tmp_path: Path
 ) -> None:
     project = generate(
-        template_0_1_0_and_this, tmp_path / "events", {"target": "k8s-async"}, release="v0.1.0"
+        template_releases, tmp_path / "events", {"target": "k8s-async"}, release="v0.1.0"
     )
     before = tree(project)
 
@@ -567,3 +589,362 @@ def test_an_async_service_on_the_0_1_0_defaults_is_told_how_to_fit_the_rollout_t
     assert unmerged(project) == []
     assert '  POOL_SIZE: "8"\n' in (project / "deploy" / "k8s" / "configmap.yaml").read_text()
     assert_project_checks_pass(project)
+
+
+# ------------------------------------------- every target, from each real release to this one
+
+TARGETS = ["k8s-sync", "k8s-async", "lambda", "batch"]
+
+RUNBOOK = """
+## Runbook
+
+Page #orders-oncall when a deploy fails the connection budget test.
+"""
+
+ORDER_MODEL = '''
+
+class Order(Base):
+    """An order: the team's own table."""
+
+    __tablename__ = "orders"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    reference: Mapped[str] = mapped_column(String(40))
+'''
+
+# Named the way `alembic revision --autogenerate -m "create orders"` names it (alembic.ini).
+ORDER_REVISION = "5c1e8a2f7d34"
+ORDER_MIGRATION = f"src/{PACKAGE}/migrations/versions/{ORDER_REVISION}_create_orders.py"
+ORDER_MIGRATION_TEXT = '''"""Create the orders table.
+
+Revision ID: {revision}
+Revises: {down_revision}
+Create Date: 2026-12-01 09:00:00
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "{revision}"
+down_revision: str | None = "{down_revision}"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "orders",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("reference", sa.String(length=40), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("orders")
+'''
+
+ORDERS_SYNC = '''"""Queries on the team's orders table."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from .models import Order
+
+
+def count_orders(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Order)) or 0
+'''
+
+ORDERS_ASYNC = '''"""Queries on the team's orders table."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .models import Order
+
+
+async def count_orders(session: AsyncSession) -> int:
+    return await session.scalar(select(func.count()).select_from(Order)) or 0
+'''
+
+ORDERS_ROUTE = '''
+
+@router.get("/orders/count")
+{asynchronous}def count_orders(session: SessionDep) -> dict[str, int]:
+    """How many orders there are: the team's own endpoint."""
+    return {{"orders": {awaited}orders.count_orders(session)}}
+'''
+
+ORDERS_ROUTE_TEST = f'''"""The team's own endpoint."""
+
+from fastapi.testclient import TestClient
+
+from {PACKAGE}.app import create_app
+from {PACKAGE}.settings import Settings
+
+
+def test_orders_are_counted(settings: Settings) -> None:
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/orders/count").json() == {{"orders": 0}}
+'''
+
+ORDERS_TEST = f'''"""The team's orders table and its query."""
+
+from {PACKAGE}.db.engine import build_engine
+from {PACKAGE}.db.schema import create_local_schema
+from {PACKAGE}.db.session import make_session_factory, session_scope
+from {PACKAGE}.models import Order
+from {PACKAGE}.orders import count_orders
+from {PACKAGE}.settings import Settings
+
+
+def test_orders_are_counted(settings: Settings) -> None:
+    engine = build_engine(settings)
+    try:
+        create_local_schema(engine)
+        sessions = make_session_factory(engine)
+        with session_scope(sessions) as session:
+            session.add(Order(reference="A-1"))
+        with session_scope(sessions) as session:
+            assert count_orders(session) == 1
+    finally:
+        engine.dispose()
+'''
+
+# Lambda, 0.1.0: the handler dispatched on the event's keys.
+HANDLER_BRANCH_0_1_0 = """\\g<0>        if "orders" in event:
+            return {"statusCode": 200, "orders": orders.count_orders(session)}
+"""
+# Lambda, 0.2.0 on: one more HTTP API route.
+COUNT_ORDERS_ROUTE = 'COUNT_ORDERS = "GET /orders/count"'
+COUNT_ORDERS_FUNCTION = """def count_orders() -> Response:
+    with session_scope(SessionFactory) as session:
+        return respond(200, {"orders": orders.count_orders(session)})
+
+
+"""
+HANDLER_BRANCH = """\\g<1>if key == COUNT_ORDERS:
+\\g<1>    return count_orders()
+\\g<0>"""
+JOB_STEP = """\\g<0>        with session_scope(sessions) as session:
+            logger.info("shard %d/%d: %d orders", shard, shards, orders.count_orders(session))
+"""
+LOG_LEVEL = '  LOG_LEVEL: "INFO"\n'
+SAM_LOG_LEVEL = '          LOG_LEVEL: "INFO"'
+GITIGNORED = ".env\n"
+TOOL_TABLE = """
+[tool.coverage.run]
+branch = true
+"""
+FIXTURE = """
+
+@pytest.fixture
+def order_reference() -> str:
+    return "A-1"
+"""
+IMPORT_ORDERS = replace_once(r"^from \. import items", r"\g<0>, orders")
+APP = f"src/{PACKAGE}/app.py"
+HANDLER = f"src/{PACKAGE}/handler.py"
+JOB = f"src/{PACKAGE}/job.py"
+SAM_TEMPLATE = "deploy/lambda/template.yaml"
+ORDERS = f"src/{PACKAGE}/orders.py"
+ORDERS_TEST_FILE = "tests/test_orders.py"
+ADDED_FILES = [ORDER_MIGRATION, ORDERS, ORDERS_TEST_FILE]
+NOTES_FROM_THE_TEAM = (
+    "## Notes from the team\n\nThis section is yours: poolwise releases never change it, so"
+    " `copier update` keeps your notes.\n"
+)
+# Conflicts a team meets once, on its first update to THIS_RELEASE, besides README.md (the
+# team's appended sections meet the "Notes from the team" section added at the same place).
+# Each is in lines both the team and 0.2.0 changed; no later release can take it back.
+FIRST_UPDATE_CONFLICTS: dict[str, dict[str, list[str]]] = {
+    "v0.1.0": {"k8s-sync": [APP], "k8s-async": [APP], "lambda": [HANDLER]},
+    "v0.2.0": {},
+}
+
+
+def newest_revision(project: Path) -> str:
+    """The head of the release's migrations (each revises the one before: 0001, 0002, ...)."""
+    versions = project / "src" / PACKAGE / "migrations" / "versions"
+    return max(path.name.split("_")[0] for path in versions.glob("[0-9][0-9][0-9][0-9]_*.py"))
+
+
+def appended_lines(target: str) -> dict[str, str]:
+    """What teams append to the end of generated files, by file."""
+    appended = {
+        "README.md": RUNBOOK,
+        f"src/{PACKAGE}/models.py": ORDER_MODEL,
+        ".gitignore": GITIGNORED,
+        "tests/conftest.py": FIXTURE,
+        "pyproject.toml": TOOL_TABLE,
+    }
+    if target != "lambda":
+        appended["deploy/k8s/configmap.yaml"] = LOG_LEVEL
+    return appended
+
+
+def edits_of_every_team(project: Path, target: str) -> None:
+    """What teams do to a service on any target: lines at the ends of files, new files."""
+    for name, lines in appended_lines(target).items():
+        path = project / name
+        path.write_text(path.read_text() + lines)
+    migration = ORDER_MIGRATION_TEXT.format(
+        revision=ORDER_REVISION, down_revision=newest_revision(project)
+    )
+    (project / ORDER_MIGRATION).write_text(migration)
+    (project / ORDERS).write_text(ORDERS_ASYNC if target == "k8s-async" else ORDERS_SYNC)
+    test = ORDERS_ROUTE_TEST if target.startswith("k8s") else ORDERS_TEST
+    (project / ORDERS_TEST_FILE).write_text(test)
+
+
+def edit_the_handler(project: Path, release: str) -> None:
+    """A handler branch for the orders: an event key on 0.1.0, an HTTP API route since."""
+    handler = project / HANDLER
+    if "from . import items, orders" not in handler.read_text():
+        edit(handler, IMPORT_ORDERS)
+    if release == "v0.1.0":
+        edit(
+            handler,
+            replace_once(
+                r"^    with session_scope\(SessionFactory\) as session:\n", HANDLER_BRANCH_0_1_0
+            ),
+        )
+        return
+    edit(handler, replace_once(r"^READ_ITEM = .*\n", rf"\g<0>{COUNT_ORDERS_ROUTE}\n"))
+    edit(
+        handler,
+        replace_once(r"in \(CREATE_ITEM, READ_ITEM\)", "in (CREATE_ITEM, READ_ITEM, COUNT_ORDERS)"),
+    )
+    edit(handler, replace_once(r"^@invocation_metrics", COUNT_ORDERS_FUNCTION + r"\g<0>"))
+    edit(handler, replace_once(r"^( +)if key == CREATE_ITEM:\n", HANDLER_BRANCH))
+
+
+def edits_of_the_target(project: Path, target: str, release: str) -> None:
+    """The target's own edit: a route, a handler branch or a job step (and Lambda's setting)."""
+    if target.startswith("k8s"):
+        asynchronous = target == "k8s-async"
+        route = ORDERS_ROUTE.format(
+            asynchronous="async " if asynchronous else "", awaited="await " if asynchronous else ""
+        )
+        edit(project / APP, IMPORT_ORDERS)
+        # After the router's last endpoint, where FastAPI's docs add one.
+        last_endpoint = r"^(async )?def read_item\(.*\n(    .*\n|\n(?=    ))*"
+        edit(project / APP, replace_once(last_endpoint, r"\g<0>" + route.lstrip("\n") + "\n\n"))
+    elif target == "lambda":
+        edit_the_handler(project, release)
+        edit(
+            project / SAM_TEMPLATE,
+            replace_once(
+                r'^          APPLICATION_NAME: "poolwise-service"\n', rf"\g<0>{SAM_LOG_LEVEL}\n"
+            ),
+        )
+    else:
+        edit(project / JOB, IMPORT_ORDERS)
+        edit(
+            project / JOB,
+            replace_once(r"^        sessions = make_session_factory\(engine\)\n", JOB_STEP),
+        )
+
+
+def assert_the_target_edits_kept(project: Path, target: str) -> None:
+    if target.startswith("k8s"):
+        assert '@router.get("/orders/count")' in (project / APP).read_text()
+    elif target == "lambda":
+        handler = (project / HANDLER).read_text()
+        assert f"\n{COUNT_ORDERS_ROUTE}\n" in handler
+        assert "        if key == COUNT_ORDERS:\n" in handler
+        assert f"\n{SAM_LOG_LEVEL}\n" in (project / SAM_TEMPLATE).read_text()
+    else:
+        assert "orders.count_orders(session)" in (project / JOB).read_text()
+
+
+CONFLICT_BLOCK = re.compile(
+    rf"^{CONFLICT_START}\n(.*?)^=======\n(.*?)^>>>>>>> after updating\n", re.MULTILINE | re.DOTALL
+)
+
+
+def take_sides(text: str, resolve: Callable[[str, str], str]) -> str:
+    """``text`` with each conflict block replaced by ``resolve(ours, the release's)``."""
+    return CONFLICT_BLOCK.sub(lambda block: resolve(block[1], block[2]), text)
+
+
+def resolve_the_first_update(project: Path, target: str, release: str) -> None:
+    """What a team does with FIRST_UPDATE_CONFLICTS, as the CHANGELOG says, then commits."""
+    readme = project / "README.md"
+    # The release's "Notes from the team" section, then what the team had appended.
+    readme.write_text(take_sides(readme.read_text(), lambda ours, new: f"{new}\n{ours.lstrip()}"))
+    if release == "v0.1.0" and target.startswith("k8s"):
+        app = project / APP
+        edit(app, lambda text: take_sides(text, lambda ours, new: new))
+        edit(
+            app,
+            replace_once(
+                r"^from \. import items, prometheus$", "from . import items, orders, prometheus"
+            ),
+        )
+    if release == "v0.1.0" and target == "lambda":
+        # 0.2.0 rewrote the handler for the HTTP API: the branch becomes one of its routes.
+        edit(project / HANDLER, lambda text: take_sides(text, lambda ours, new: new))
+        edit_the_handler(project, "v0.2.0")
+    git(project, "add", "--all")
+    if release == "v0.1.0":
+        # 0.2.0's 0002 and the team's revision both revise 0001: one merge revision joins them.
+        heads = run_checked(python("-m", "alembic", "heads"), project)
+        assert sorted(line.split()[0] for line in heads.splitlines()) == ["0002", ORDER_REVISION]
+        run_checked(python("-m", "alembic", "merge", "heads", "-m", "poolwise 0.2.0"), project)
+    commit(project, f"poolwise: update to {THIS_RELEASE}")
+
+
+@pytest.mark.parametrize("release", ["v0.1.0", "v0.2.0"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_service_of_every_target_updates_from_each_release_with_the_teams_edits(
+    template_releases: Path, tmp_path: Path, target: str, release: str
+) -> None:
+    answers: dict[str, Any] = {"target": target}
+    project = generate(template_releases, tmp_path / "orders", answers, release=release)
+    edits_of_every_team(project, target)
+    edits_of_the_target(project, target, release)
+    commit(project, "our runbook, orders table, route, fixture and log level")
+    ours = tree(project)
+
+    update: dict[str, Any] = {}
+    if target == "k8s-async" and release == "v0.1.0":
+        # 0.2.0's rollout term: the 0.1.0 defaults no longer fit (CHANGELOG, Action needed).
+        update = {"pool_size": 8, "max_overflow": 8}
+    result = copier("update", answers=update, cwd=project)
+
+    assert f"Updating to template version {THIS_RELEASE[1:]}" in result.stderr
+    # Only where the team and a release changed the same lines, and each one only this once.
+    conflicts = FIRST_UPDATE_CONFLICTS[release].get(target, [])
+    assert unmerged(project) == ["README.md", *conflicts]
+    readme = (project / "README.md").read_text()
+    teams_side = [block[0].strip("\n") for block in CONFLICT_BLOCK.findall(readme)]
+    assert teams_side == [RUNBOOK.strip("\n")]
+    assert readme.endswith(f"{NOTES_FROM_THE_TEAM}>>>>>>> after updating\n")
+    assert sh(["git", "grep", "-l", CONFLICT_START], project, check=False).stdout.split() == [
+        "README.md",
+        *conflicts,
+    ]
+    # Everything else the team added or appended merged, kept as it was.
+    for name in ADDED_FILES:
+        assert (project / name).read_bytes() == ours[name], name
+    for name, appended in appended_lines(target).items():
+        if name != "README.md":
+            assert (project / name).read_text().endswith(appended), name
+
+    resolve_the_first_update(project, target, release)
+
+    readme = (project / "README.md").read_text()
+    assert readme.endswith(NOTES_FROM_THE_TEAM + RUNBOOK)
+    assert_the_target_edits_kept(project, target)
+    output = run_checked(python("-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"), project)
+    assert " passed" in output
