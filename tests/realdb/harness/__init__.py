@@ -7,6 +7,9 @@ when we are root), ``postgres`` is a cluster, ``pgbouncer`` a pooler in front of
 docstring has what was learnt about PgBouncer 1.18), ``sampling`` watches pg_stat_activity.
 """
 
+# One port picker for every server the tests start (tests/ports.py), below the ephemeral range.
+from ports import free_port
+
 from .pgbouncer import PgBouncer, PoolMode
 from .postgres import PostgresCluster
 from .processes import (
@@ -17,7 +20,6 @@ from .processes import (
     child_pids,
     find_pg_bin,
     find_pgbouncer,
-    free_port,
     missing_requirements,
     pid_alive,
 )

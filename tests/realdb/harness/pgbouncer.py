@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Literal, Self
 
 import psycopg
+from ports import free_port
 
 from .postgres import PostgresCluster, _url
 from .processes import (
@@ -55,7 +56,6 @@ from .processes import (
     _tail,
     _write_owned,
     find_pgbouncer,
-    free_port,
     missing_requirements,
 )
 

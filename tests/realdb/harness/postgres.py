@@ -15,6 +15,7 @@ from typing import Any, Self
 from urllib.parse import quote
 
 import psycopg
+from ports import free_port
 from psycopg import sql
 
 from .processes import (
@@ -31,7 +32,6 @@ from .processes import (
     _tail,
     _write_owned,
     find_pg_bin,
-    free_port,
     missing_requirements,
     pid_alive,
 )

@@ -84,13 +84,6 @@ def missing_requirements(*, pgbouncer: bool = False) -> str | None:
     return None
 
 
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (callers retry on the small reuse race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def _service_ids() -> tuple[int, int] | None:
     """(uid, gid) to drop to, or None when we are not root and run servers as ourselves."""
     if os.geteuid() != 0:
