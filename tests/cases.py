@@ -550,6 +550,93 @@ REFUSED = [
         "max_surge",
         'max_surge="12.5%" is not allowed',
     ),
+    # --- issue 19: numbers are plain decimal digits. YAML 1.1 reads these spellings as other
+    # numbers (or as no number); each is refused by name, with what YAML made of it.
+    Refusal(
+        "replicas-max-base-60",
+        {"replicas_max": "1:30"},
+        "replicas_max",
+        'replicas_max="1:30" is not allowed: it must be plain decimal digits (no sign, leading 0,'
+        " '_', ':', '0x' or space), and YAML reads \"1:30\" as 90; write replicas_max=90 if that"
+        " is the number you mean.",
+    ),
+    Refusal(
+        "max-connections-octal",
+        {"db_max_connections": "010"},
+        "db_max_connections",
+        'db_max_connections="010" is not allowed: it must be plain decimal digits',
+    ),
+    Refusal(
+        "pool-size-hexadecimal",
+        {"pool_size": "0x10"},
+        "pool_size",
+        'YAML reads "0x10" as 16; write pool_size=16 if that is the number you mean.',
+    ),
+    Refusal(
+        "workers-underscore",
+        {"workers_per_pod": "1_0"},
+        "workers_per_pod",
+        'workers_per_pod="1_0" is not allowed: it must be plain decimal digits',
+    ),
+    Refusal(
+        "pool-timeout-plus-sign",
+        {"pool_timeout": "+5"},
+        "pool_timeout",
+        'pool_timeout="+5" is not allowed: it must be plain decimal digits',
+    ),
+    Refusal(
+        "pool-recycle-leading-space",
+        {"pool_recycle": " 1800"},
+        "pool_recycle",
+        'pool_recycle=" 1800" is not allowed: it must be plain decimal digits',
+    ),
+    Refusal(
+        "max-overflow-decimal-point",
+        {"max_overflow": "5.0"},
+        "max_overflow",
+        'max_overflow="5.0" is not allowed: it must be a whole number >= 0 in plain decimal digits',
+    ),
+    Refusal(
+        "pgbouncer-pool-exponent",
+        {"pooler": "pgbouncer", "pgbouncer_default_pool_size": "1e3"},
+        "pgbouncer_default_pool_size",
+        'pgbouncer_default_pool_size="1e3" is not allowed: it must be a whole number >= 1 in plain'
+        " decimal digits",
+    ),
+    Refusal(
+        "max-surge-octal",
+        {"max_surge": "010"},
+        "max_surge",
+        'max_surge="010" is not allowed: it must be a pod count (0 for no surge) or a percentage',
+    ),
+    Refusal(
+        "max-surge-percentage-leading-zero",
+        {"max_surge": "025%"},
+        "max_surge",
+        'max_surge="025%" is not allowed',
+    ),
+    Refusal(
+        "external-consumer-count-octal",
+        {"db_external_consumers": "{datadog-agent: 5, metabase: 010}", "other_consumers": 13},
+        "db_external_consumers",
+        'db_external_consumers["metabase"]="010" is not allowed: it must be plain decimal digits'
+        " (no sign, leading 0, '_', ':', '0x' or space), and YAML reads \"010\" as 8; write"
+        " metabase: 8 if that is the number you mean.",
+    ),
+    # Package names Python itself holds: the project's tests could not import the package.
+    Refusal(
+        "package-name-dunder-main",
+        {"package_name": "__main__"},
+        "package_name",
+        'package_name="__main__" is not allowed: names that start and end with "__" are'
+        " Python's own",
+    ),
+    Refusal(
+        "package-name-private-stdlib-module",
+        {"package_name": "_json"},
+        "package_name",
+        "package_name=\"_json\" is not allowed: it shadows the standard library module '_json'",
+    ),
     # A percentage is counted in pods, rounded up: 50% of 8 replicas is 4 surge pods, and the
     # 8 + 4 + 4 terminating pods of 10 connections each do not fit 97.
     Refusal(

@@ -11,6 +11,7 @@ defaults they offer at a prompt fit.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import re
 import sys
@@ -67,6 +68,8 @@ def render(source: str, context: dict[str, Any]) -> str:
 def cast(kind: str, raw: Any) -> Any:
     if kind == "int":
         return int(raw)
+    if kind == "json":
+        return json.loads(raw) if isinstance(raw, str) else raw
     if kind == "bool":
         return raw if isinstance(raw, bool) else str(raw).strip().lower() == "true"
     if kind == "yaml":

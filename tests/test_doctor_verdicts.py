@@ -172,29 +172,100 @@ def test_idle_in_transaction_past_the_threshold_is_a_finding() -> None:
     assert "oldest 45.5 s" in verdict.line
 
 
+ALTER = 'ALTER ROLE "orders_api" CONNECTION LIMIT 21;'
+
+
 @pytest.mark.parametrize(
-    ("roles", "says"),
+    ("roles", "says", "fix"),
     [
-        ({}, "does not exist"),
-        ({"orders_api": -1}, "no CONNECTION LIMIT"),
-        ({"orders_api": 30}, "9 more than the fleet counts"),
-        ({"orders_api": 20}, "refused 1 connection its budget allows"),
+        # ALTER ROLE fails on a role that does not exist: the fix creates it.
+        ({}, "does not exist", 'CREATE ROLE "orders_api" LOGIN CONNECTION LIMIT 21;'),
+        ({"orders_api": -1}, "no CONNECTION LIMIT", ALTER),
+        ({"orders_api": 30}, "9 more than the fleet counts", ALTER),
+        ({"orders_api": 20}, "refused 1 connection its budget allows", ALTER),
     ],
     ids=["missing", "unlimited", "above", "below"],
 )
 def test_a_role_limit_other_than_the_worst_case_is_a_finding(
-    roles: dict[str, int], says: str
+    roles: dict[str, int], says: str, fix: str
 ) -> None:
     found = findings(doctor.examine(cluster(ORDERS), server([], roles)))
     assert set(found) == {("role_connection_limit", "orders_api")}
-    assert says in found[("role_connection_limit", "orders_api")].line
-    assert doctor.FLEET_SQL in found[("role_connection_limit", "orders_api")].line
+    verdict = found[("role_connection_limit", "orders_api")]
+    assert says in verdict.line
+    assert f"; fix, as a superuser: {fix} (or {doctor.FLEET_SQL})" in verdict.line
+    assert verdict.data["fix_sql"] == fix
 
 
 def test_services_sharing_a_role_share_its_limit() -> None:
     billing = service("billing-api", role="orders_api", pool=(2, 0))  # 2 x 2 + 1 = 5
-    found = findings(doctor.examine(cluster(ORDERS, billing), server([], {"orders_api": 26})))
+    shared = cluster(ORDERS, billing)
+    found = findings(doctor.examine(shared, server([], {"orders_api": 26})))
     assert found == {}
+    # The sum the doctor expects is the one limit fleet --sql sets, once, for both.
+    guardrail_sql = fleet.sql([shared])
+    assert guardrail_sql.count('ALTER ROLE "orders_api" CONNECTION LIMIT 26;') == 1
+    assert "CONNECTION LIMIT 21" not in guardrail_sql
+    [verdict] = findings(doctor.examine(shared, server([], {"orders_api": 21}))).values()
+    assert verdict.data["fix_sql"] == 'ALTER ROLE "orders_api" CONNECTION LIMIT 26;'
+    assert "(billing-api 5 + orders-api 21)" in verdict.line
+
+
+def test_a_role_name_is_quoted_in_the_fix() -> None:
+    hostile = service("orders-api", role='app"; ALTER ROLE app SUPERUSER; --')
+    [verdict] = findings(doctor.examine(cluster(hostile), server([], {}))).values()
+    assert verdict.data["fix_sql"] == (
+        'CREATE ROLE "app""; ALTER ROLE app SUPERUSER; --" LOGIN CONNECTION LIMIT 21;'
+    )
+
+
+# ----------------------------------------------------------------------------- what was skipped
+
+
+def skipped(verdicts: list[doctor.Verdict]) -> dict[tuple[str, str], doctor.Verdict]:
+    return {(verdict.kind, verdict.subject): verdict for verdict in verdicts if verdict.skipped}
+
+
+def test_without_a_pgbouncer_dsn_its_checks_are_listed_as_skipped() -> None:
+    events = service("events-api", pooler="pgbouncer", pool_mode="transaction")
+    verdicts = doctor.examine(cluster(ORDERS, events), server([], {**CAPPED, **EVENTS_ROLE}))
+    assert findings(verdicts) == {}
+    [((kind, subject), verdict)] = skipped(verdicts).items()
+    assert (kind, subject, verdict.finding) == ("pgbouncer_checks", "events-api", False)
+    assert verdict.data == {"reason": "no --pgbouncer-dsn", "checks": list(doctor.PGBOUNCER_CHECKS)}
+    assert verdict.text().startswith("skipped  events-api PgBouncer checks (pgbouncer_pool_mode,")
+    assert verdict.as_json()["skipped"] is True
+    # A service without PgBouncer has nothing to skip.
+    assert skipped(doctor.examine(cluster(ORDERS), server([], CAPPED))) == {}
+
+
+def test_a_pgbouncer_service_this_pgbouncer_does_not_serve_is_skipped() -> None:
+    events = service("events-api", pooler="pgbouncer", pool_mode="transaction")
+    billing = service("billing-api", pooler="pgbouncer", pool_mode="transaction")
+    live = server([], {"events_api": 6, "billing_api": 6})
+    verdicts = doctor.examine(cluster(events, billing), live, bouncer([pool("events_api")]))
+    assert findings(verdicts) == {}
+    [verdict] = skipped(verdicts).values()
+    assert (verdict.kind, verdict.subject) == ("pgbouncer_checks", "billing-api")
+    assert "has no pool of its role billing_api" in verdict.line
+    assert {v.subject for v in verdicts if v.kind == "pgbouncer_pool_size"} == {"events-api"}
+
+
+def test_rds_proxy_and_other_clusters_are_listed_as_skipped() -> None:
+    proxied = dataclasses.replace(service("orders-api"), pooler="rds-proxy")
+    [verdict] = skipped(doctor.examine(cluster(proxied), server([], CAPPED))).values()
+    assert (verdict.kind, verdict.subject) == ("rds_proxy_checks", "orders-api")
+    assert "poolwise doctor reads PostgreSQL and PgBouncer, not RDS Proxy" in verdict.line
+
+    ledger = dataclasses.replace(service("ledger-api"), cluster="ledger-db")
+    found = fleet.clusters([ORDERS, ledger])
+    checked = doctor.choose_cluster(found, "orders-db")
+    [verdict] = doctor.other_clusters_skipped(found, checked)
+    assert (verdict.kind, verdict.subject, verdict.skipped) == ("cluster_checks", "ledger-db", True)
+    assert verdict.line == (
+        "cluster ledger-db (ledger-api): the DSN is cluster orders-db's (--cluster orders-db);"
+        " run poolwise doctor with its DSN and --cluster ledger-db"
+    )
 
 
 # ----------------------------------------------------------------------------- PgBouncer

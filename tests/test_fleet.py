@@ -8,14 +8,20 @@ subprocess, so the exit codes are the ones a CI job sees.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from typing import Any
 
+import pglast
 import pytest
+from psycopg import sql as psycopg_sql
 from rendering import TEMPLATE_ROOT, clean_env, copier_copy, succeeded
+
+from poolwise import budget, deployed, fleet, services
 
 # main at the 0.1.0 release (tests/test_update.py builds its tag the same way).
 RELEASE_0_1_0 = "639afbe"
@@ -175,17 +181,208 @@ def test_a_cluster_whose_clients_outgrow_a_services_other_consumers_is_noted(
 
 
 def test_the_sql_guardrail_caps_each_role_at_its_declared_worst_case(repos: Path) -> None:
-    result = poolwise("fleet", "--sql", repos)
-    assert result.returncode == 0
-    lines = result.stdout.splitlines()
-    assert 'ALTER ROLE "orders_api" CONNECTION LIMIT 51;' in [
-        line.split("  --")[0] for line in lines
+    result = poolwise("fleet", "--sql", "--cluster", "orders-db", repos)
+    assert result.returncode == 0, result.stderr
+    assert guardrail_statements(result.stdout) == [
+        ("events_api", 21),
+        ("nightly_report", 3),
+        ("orders_api", 51),
     ]
-    assert any(line.startswith('ALTER ROLE "events_api" CONNECTION LIMIT 21;') for line in lines)
-    assert any(
-        "events-api deploy/pgbouncer/pgbouncer.ini [pgbouncer]: max_db_connections = 20,"
-        " max_user_connections = 20" in line
-        for line in lines
+    lines = result.stdout.splitlines()
+    assert "-- role orders_api: orders-api 51 (app -> database), migration included" in lines
+    assert (
+        "-- events-api deploy/pgbouncer/pgbouncer.ini [pgbouncer]: max_db_connections = 20,"
+        " max_user_connections = 20"
+    ) in lines
+
+
+def test_the_sql_of_several_clusters_is_refused_without_cluster(repos: Path) -> None:
+    # Piped into one psql, the roles of main would be created and capped on orders-db.
+    result = poolwise("fleet", "--sql", repos)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "poolwise fleet: the paths hold the clusters main, orders-db; --sql prints the SQL of"
+        " one, to run on its primary: pass --cluster NAME\n"
+    )
+    unknown = poolwise("fleet", "--sql", "--cluster", "nowhere", repos)
+    assert unknown.returncode == 2
+    assert "--cluster nowhere: the paths hold only main, orders-db" in unknown.stderr
+
+
+def set_role(service_root: Path, role: str) -> Path:
+    """Declare `role` in a service's database_limits.toml (a TOML basic string)."""
+    [limits] = service_root.glob("src/*/db/database_limits.toml")
+    text = re.sub(r"(?m)^role = .*$", lambda _: f"role = {json.dumps(role)}", limits.read_text())
+    limits.write_text(text)
+    return limits
+
+
+def test_services_sharing_a_role_get_one_statement_capped_at_their_sum(
+    repos: Path, tmp_path: Path
+) -> None:
+    shared = copy_of(repos, tmp_path)
+    for name in ("orders-api", "nightly-report"):
+        set_role(shared / name, "app")
+    result = poolwise("fleet", "--sql", "--cluster", "orders-db", shared)
+    assert result.returncode == 0, result.stderr
+    # Two statements for one role would leave the last one's limit (3): orders-api's 4th
+    # connection would be refused.
+    assert guardrail_statements(result.stdout) == [("app", 51 + 3), ("events_api", 21)]
+    assert (
+        "-- role app: nightly-report 3 (app -> database) + orders-api 51 (app -> database) = 54,"
+        " migrations included"
+    ) in result.stdout.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("role", "says"),
+    [
+        ("app\x00; ALTER ROLE app SUPERUSER", "contains a NUL character"),
+        ("r" * 64, "is 64 bytes long: PostgreSQL truncates a name to 63 bytes"),
+    ],
+    ids=["nul", "64-bytes"],
+)
+def test_a_role_postgresql_cannot_hold_is_refused_with_its_file(
+    repos: Path, tmp_path: Path, role: str, says: str
+) -> None:
+    broken = copy_of(repos, tmp_path)
+    limits = set_role(broken / "orders-api", role)
+    result = poolwise("fleet", "--sql", "--cluster", "orders-db", broken)
+    assert (result.returncode, result.stdout) == (2, ""), result.stdout + result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"poolwise fleet: {limits}: [database] role {role!r} (of 'orders-api')")
+    assert says in line and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- the SQL itself
+
+# Names a service's files could hold, each trying to end the comment, identifier, literal or
+# dollar quote it is written into and run a statement of its own as the superuser.
+HOSTILE_CLUSTER = "orders-db\nALTER ROLE app SUPERUSER; --"
+HOSTILE_NAMES = [
+    "newline\nALTER ROLE app SUPERUSER; --",
+    "carriage-return\rALTER ROLE app SUPERUSER; --",
+    "comment */ ALTER ROLE app SUPERUSER; /*",
+    "quotes ' \" ; ALTER ROLE app SUPERUSER; --",
+    "backslash \\ \\! touch /tmp/pwned",
+    "line-separator\u2028ALTER ROLE app SUPERUSER; --",
+    "next-line\u0085ALTER ROLE app SUPERUSER; --",
+    "nul\x00ALTER ROLE app SUPERUSER; --",
+]
+HOSTILE_ROLES = [
+    "r-newline\n; ALTER ROLE app SUPERUSER; --",
+    'r-quote"; ALTER ROLE app SUPERUSER; --',
+    "r-literal'); ALTER ROLE app SUPERUSER; --",
+    "r-backslash\\'; \\gexec \\! touch /tmp/pwned",
+    "r-dollar $poolwise$; ALTER ROLE app SUPERUSER; $poolwise$",
+    "r-separators\u2028\u0085*/;",
+    "found",  # PL/pgSQL's own variable in every DO block
+    "r-format %I %L %s :app",  # format() placeholders and a psql variable
+]
+
+
+def declared(name: str, role: str, cluster: str, pool: tuple[int, int]) -> services.Service:
+    """A k8s service of one replica and one terminating pod: 2 x sum(pool) + 1 migration."""
+    limits = budget.DatabaseLimits(max_connections=500, reserved_connections=3, other_consumers=0)
+    workload = budget.Workload(
+        kind="k8s", replicas=1, terminating=1, pool_size=pool[0], max_overflow=pool[1]
+    )
+    topology = budget.Topology(target="k8s-sync", workloads=(workload,))
+    return services.Service(
+        root=Path("/services") / f"service-{len(name)}",
+        name=name,
+        package="service",
+        target="k8s-sync",
+        pooler="none",
+        driver="psycopg",
+        pool_mode="",
+        cluster=cluster,
+        role=role,
+        limits=limits,
+        external_consumers={},
+        template_version="test",
+        readings=[deployed.Reading("deploy/k8s", topology, limits, inputs=[])],
+    )
+
+
+def _option(statement: Any, name: str) -> Any:
+    [option] = [option for option in statement.options if option.defname == name]
+    return option.arg
+
+
+def guardrail_statements(text: str) -> list[tuple[str, int]]:
+    """(role, limit) of each statement, read by PostgreSQL's own parser (pglast).
+
+    Every top-level statement must be a DO block whose body is exactly: if the role exists,
+    ALTER ROLE it CONNECTION LIMIT n, else CREATE ROLE it LOGIN CONNECTION LIMIT n, with the same
+    role and n in the condition and both branches. Anything else fails.
+    """
+    found = []
+    for raw in pglast.parse_sql(text):
+        statement = raw.stmt
+        assert isinstance(statement, pglast.ast.DoStmt), statement
+        [body] = [option.arg.sval for option in statement.args if option.defname == "as"]
+        function = psycopg_sql.SQL("CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS {}")
+        [tree] = pglast.parse_plpgsql(function.format(psycopg_sql.Literal(body)).as_string())
+        block = tree["PLpgSQL_function"]["action"]["PLpgSQL_stmt_block"]["body"]
+        assert [next(iter(step)) for step in block] == ["PLpgSQL_stmt_if", "PLpgSQL_stmt_return"]
+        branch = block[0]["PLpgSQL_stmt_if"]
+        assert set(branch) == {"lineno", "cond", "then_body", "else_body"}, branch
+        [condition] = pglast.parse_sql("SELECT " + branch["cond"]["PLpgSQL_expr"]["query"])
+        exists = condition.stmt.targetList[0].val
+        assert exists.subLinkType == pglast.enums.SubLinkType.EXISTS_SUBLINK
+        where = exists.subselect.whereClause
+        assert [field.sval for field in where.lexpr.fields] == ["rolname"]
+        [relation] = exists.subselect.fromClause
+        assert (relation.schemaname, relation.relname) == ("pg_catalog", "pg_roles")
+        role = where.rexpr.val.sval
+        branches = []
+        for key in ("then_body", "else_body"):
+            [step] = branch[key]
+            [parsed] = pglast.parse_sql(
+                step["PLpgSQL_stmt_execsql"]["sqlstmt"]["PLpgSQL_expr"]["query"]
+            )
+            branches.append(parsed.stmt)
+        alter, create = branches
+        assert isinstance(alter, pglast.ast.AlterRoleStmt) and alter.role.rolename == role
+        assert [option.defname for option in alter.options] == ["connectionlimit"]
+        assert isinstance(create, pglast.ast.CreateRoleStmt) and create.role == role
+        assert [option.defname for option in create.options] == ["canlogin", "connectionlimit"]
+        assert _option(create, "canlogin").boolval is True
+        limit = _option(alter, "connectionlimit").ival
+        assert _option(create, "connectionlimit").ival == limit
+        found.append((role, limit))
+    # What is not a statement is a comment, and no comment holds a control character or
+    # anything beyond printable ASCII (a terminal or editor would start a line there).
+    for comment in pglast.parser.comments(text):
+        assert all(" " <= character <= "~" for character in comment.str), comment
+    return found
+
+
+def test_hostile_names_reach_the_sql_only_quoted_or_escaped() -> None:
+    members = [
+        declared(name, role, HOSTILE_CLUSTER, (index + 1, 0))
+        for index, (name, role) in enumerate(zip(HOSTILE_NAMES, HOSTILE_ROLES, strict=True))
+    ]
+    members.append(declared("shares found", "found", HOSTILE_CLUSTER, (10, 0)))
+    text = fleet.sql(fleet.clusters(members))
+    expected = sorted(
+        (role, sum(service.total for service in members if service.role == role))
+        for role in set(HOSTILE_ROLES)
+    )
+    assert guardrail_statements(text) == expected
+    assert ("found", 2 * 7 + 1 + 2 * 10 + 1) in expected
+    # Each name is in its comment, escaped: a reader still sees which service it was.
+    assert "newline\\nALTER ROLE app SUPERUSER; --" in text
+    assert "line-separator\\u2028ALTER" in text and "nul\\x00ALTER" in text
+
+
+def test_a_role_postgresql_cannot_hold_never_reaches_the_sql() -> None:
+    refused = declared("orders-api", "app\x00x", "orders-db", (5, 5))
+    with pytest.raises(services.InputError, match=r"contains a NUL character") as error:
+        fleet.sql(fleet.clusters([refused]))
+    assert "/services/service-10/src/service/db/database_limits.toml: [database] role" in str(
+        error.value
     )
 
 

@@ -197,6 +197,45 @@ def test_a_budget_broken_by_earlier_answers_is_refused_and_corrected_at_the_prom
     assert '"example.com/scrapes": "pods"' in policy
 
 
+def test_a_number_typed_at_a_prompt_must_be_plain_decimal_digits(tmp_path: Path) -> None:
+    project = tmp_path / "service"
+    tui = Terminal(project, "--data", "max_surge=0")
+    tui.wait_for("Name of the service")
+    for then in [
+        "Python package name",
+        "PostgreSQL cluster",
+        "max_connections of the cluster",
+        "Connections held back",
+        "Clients of the cluster",
+        "everything else on the cluster",
+        "Where the service runs",
+        "Connection pooler",
+        "Most pods that can run at once",
+    ]:
+        tui.answer(ENTER, then)
+
+    # A prompt reads what is typed as JSON: a leading zero (YAML's octal), '_', ':', '0x' or a
+    # sign is not a number there, and the question is asked again.
+    tui.answer(CLEAR_LINE + "010" + ENTER, "Invalid input")
+    # A number that is not whole is refused by name, in the one line under the input.
+    tui.answer(CLEAR_LINE + "5.0" + ENTER, "Validation error for question 'replicas_max'")
+    refusal = "Validation error for question 'replicas_max': 5.0 is not a whole number >= 1"
+    assert refusal in tui.lines()
+    assert len(refusal) <= COLUMNS
+    tui.answer(CLEAR_LINE + "6" + ENTER, "Worker processes per pod")
+    for then in [
+        "Connections each process keeps open",
+        "Extra connections a process may open",
+        "Seconds a request waits",
+        "Seconds after which",
+    ]:
+        tui.answer(ENTER, then)
+    tui.child.send(ENTER)
+
+    assert tui.finish() == 0
+    assert declared(project)["processes"]["replicas_max"] == 6
+
+
 def test_a_pooler_the_budget_cannot_fit_is_disabled_and_the_default_moves(
     tmp_path: Path,
 ) -> None:

@@ -44,7 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     output.add_argument(
         "--sql",
         action="store_true",
-        help="print ALTER ROLE ... CONNECTION LIMIT for each service's role (and PgBouncer caps)",
+        help=(
+            "print SQL that creates or caps (CONNECTION LIMIT) each role of one cluster at the"
+            " summed worst case of its services, and their PgBouncer caps"
+        ),
+    )
+    fleet_parser.add_argument(
+        "--cluster",
+        metavar="NAME",
+        help="only this db_cluster (--sql needs it when the paths hold services of several)",
     )
     fleet_parser.add_argument(
         "--svg", metavar="FILE", type=Path, help="also draw one stacked bar per cluster"
@@ -82,14 +90,16 @@ def _fleet(args: argparse.Namespace) -> int:
     try:
         found = [services.load(root) for root in services.find(args.paths)]
         proposed = fleet.load_proposed(args.limits) if args.limits else None
+        result = fleet.choose(fleet.clusters(found, proposed), args.cluster)
+        # Built before anything is printed: a name it refuses leaves no half-printed SQL.
+        guardrail_sql = fleet.sql(result) if args.sql else ""
     except services.InputError as error:
         print(f"poolwise fleet: {error}", file=sys.stderr)
         return UNREADABLE
-    result = fleet.clusters(found, proposed)
     if args.json:
         print(json.dumps(fleet.as_json(result), indent=2))
     elif args.sql:
-        print(fleet.sql(result))
+        print(guardrail_sql)
     else:
         print(fleet.text(result))
     if args.svg:

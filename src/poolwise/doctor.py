@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from . import budget, fleet, services
+from . import budget, fleet, guardrail, services
 
 APPLICATION_NAME = "poolwise-doctor"
 HEALTHY, FINDINGS, UNREACHABLE = 0, 1, 2
@@ -37,7 +37,13 @@ CONNECT_TIMEOUT_SECONDS = 5
 RESERVED_SETTINGS = ("superuser_reserved_connections", "reserved_connections")
 IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
 ADMIN_DATABASE = "pgbouncer"
-FLEET_SQL = "poolwise fleet --sql PATH... | psql"
+FLEET_SQL = "poolwise fleet --sql --cluster NAME PATH... | psql -v ON_ERROR_STOP=1"
+PGBOUNCER_CHECKS = (
+    "pgbouncer_pool_mode",
+    "pgbouncer_driver",
+    "pgbouncer_pool_size",
+    "pgbouncer_waiting_clients",
+)
 # How an empty application_name or role is shown in a line.
 EMPTY = "''"
 
@@ -107,19 +113,29 @@ class PgBouncerState:
 
 @dataclass(frozen=True)
 class Verdict:
-    """One check: a line with the numbers, and the same numbers for machines."""
+    """One check: a line with the numbers, and the same numbers for machines.
+
+    A check that could not run says so (skipped, never a finding) with the reason and how to
+    run it, so a quiet report is never mistaken for a full one.
+    """
 
     kind: str
     subject: str
     finding: bool
     line: str
     data: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def text(self) -> str:
-        return f"{'FINDING' if self.finding else 'ok':<7}  {self.line}"
+        status = "FINDING" if self.finding else "skipped" if self.skipped else "ok"
+        return f"{status:<7}  {self.line}"
+
+
+def _skipped(kind: str, subject: str, line: str, reason: str, checks: list[str]) -> Verdict:
+    return Verdict(kind, subject, False, line, {"reason": reason, "checks": checks}, skipped=True)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -442,43 +458,52 @@ def _idle_in_transaction_verdict(
 
 
 def _role_verdicts(cluster: fleet.Cluster, server: ServerState) -> list[Verdict]:
-    by_role: dict[str, list[services.Service]] = {}
-    for service in cluster.services:
-        by_role.setdefault(service.role, []).append(service)
+    """Each role's rolconnlimit against the summed worst case of the services using it.
+
+    The fix is the one statement the live state needs: CREATE ROLE for a missing role (ALTER
+    ROLE would fail on it), ALTER ROLE for one with another limit.
+    """
     verdicts = []
-    for role, members in sorted(by_role.items()):
-        declared = sum(service.total for service in members)
-        whose = " + ".join(f"{service.name} {service.total}" for service in members)
-        limit = server.role_limits.get(role)
+    for cap in guardrail.role_caps(cluster.services):
+        declared = cap.limit
+        limit = server.role_limits.get(cap.role)
+        fix = (
+            guardrail.create_role(cap.role, declared)
+            if limit is None
+            else guardrail.alter_role(cap.role, declared)
+        )
         if limit is None:
-            state = f"does not exist (declared for {whose})"
+            state = f"does not exist (declared for {cap.whose})"
         elif limit == -1:
-            state = f"has no CONNECTION LIMIT (-1), declared worst case {declared} ({whose})"
+            state = f"has no CONNECTION LIMIT (-1), declared worst case {declared} ({cap.whose})"
         elif limit > declared:
             state = (
-                f"CONNECTION LIMIT {limit} > {declared} declared worst case ({whose}): the"
+                f"CONNECTION LIMIT {limit} > {declared} declared worst case ({cap.whose}): the"
                 f" database lets it open {limit - declared} more than the fleet counts"
             )
         elif limit < declared:
             state = (
-                f"CONNECTION LIMIT {limit} < {declared} declared worst case ({whose}): it is"
+                f"CONNECTION LIMIT {limit} < {declared} declared worst case ({cap.whose}): it is"
                 f" refused {_count(declared - limit, 'connection')} its budget allows"
             )
         else:
-            state = f"CONNECTION LIMIT {limit} = {declared} declared worst case ({whose})"
+            state = f"CONNECTION LIMIT {limit} = {declared} declared worst case ({cap.whose})"
         finding = limit != declared
-        line = f"role {role}: {state}" + (f"; fix: {FLEET_SQL}" if finding else "")
+        line = f"role {cap.role}: {state}" + (
+            f"; fix, as a superuser: {fix} (or {FLEET_SQL})" if finding else ""
+        )
         verdicts.append(
             Verdict(
                 "role_connection_limit",
-                role,
+                cap.role,
                 finding,
                 line,
                 {
                     "exists": limit is not None,
                     "rolconnlimit": limit,
                     "declared": declared,
-                    "services": [service.name for service in members],
+                    "services": [service.name for service in cap.services],
+                    "fix_sql": fix if finding else None,
                 },
             )
         )
@@ -522,6 +547,22 @@ def _pgbouncer_verdicts(cluster: fleet.Cluster, bouncer: PgBouncerState) -> list
     prepared_supported = "max_prepared_statements" in config
     max_prepared = int(config.get("max_prepared_statements", "0") or 0)
     verdicts = []
+    for service in fronted:
+        if service not in served:
+            reason = (
+                f"PgBouncer {bouncer.label} has no pool of its role {service.role} (no client"
+                " has connected through it yet, or it is behind another PgBouncer)"
+            )
+            verdicts.append(
+                _skipped(
+                    "pgbouncer_checks",
+                    service.name,
+                    f"{service.name} PgBouncer checks: {reason}; run poolwise doctor with the"
+                    " --pgbouncer-dsn of its PgBouncer",
+                    reason,
+                    list(PGBOUNCER_CHECKS),
+                )
+            )
     for service in served:
         pools = pools_of.get(service.role, [])
         where = (
@@ -648,6 +689,54 @@ def examine(
     verdicts += _role_verdicts(cluster, server)
     if bouncer is not None:
         verdicts += _pgbouncer_verdicts(cluster, bouncer)
+    else:
+        for service in cluster.services:
+            if service.pooler == "pgbouncer":
+                reason = "no --pgbouncer-dsn"
+                verdicts.append(
+                    _skipped(
+                        "pgbouncer_checks",
+                        service.name,
+                        f"{service.name} PgBouncer checks ({', '.join(PGBOUNCER_CHECKS)}):"
+                        f" {reason}; pass the URL of its PgBouncer's admin console to run them",
+                        reason,
+                        list(PGBOUNCER_CHECKS),
+                    )
+                )
+    for service in cluster.services:
+        if service.pooler == "rds-proxy":
+            reason = "poolwise doctor reads PostgreSQL and PgBouncer, not RDS Proxy"
+            verdicts.append(
+                _skipped(
+                    "rds_proxy_checks",
+                    service.name,
+                    f"{service.name} RDS Proxy checks: {reason}; compare the proxy's"
+                    " MaxConnectionsPercent with rds_proxy.max_connections_percent in"
+                    f" {service.declared_in or 'db/topology.toml'}",
+                    reason,
+                    ["rds_proxy_max_connections_percent"],
+                )
+            )
+    return verdicts
+
+
+def other_clusters_skipped(found: list[fleet.Cluster], checked: fleet.Cluster) -> list[Verdict]:
+    """The clusters of the paths that this run's DSN is not: none of their checks ran."""
+    verdicts = []
+    for cluster in found:
+        if cluster.name != checked.name:
+            names = ", ".join(service.name for service in cluster.services)
+            reason = f"the DSN is cluster {checked.name}'s (--cluster {checked.name})"
+            verdicts.append(
+                _skipped(
+                    "cluster_checks",
+                    cluster.name,
+                    f"cluster {cluster.name} ({names}): {reason}; run poolwise doctor with its"
+                    f" DSN and --cluster {cluster.name}",
+                    reason,
+                    ["server_settings", "service_connections", "role_connection_limit"],
+                )
+            )
     return verdicts
 
 
@@ -682,7 +771,9 @@ def header(cluster: fleet.Cluster, server: ServerState, bouncer: PgBouncerState 
 def run(args: Namespace) -> int:
     try:
         found = [services.load(root) for root in services.find(args.paths)]
-        cluster = choose_cluster(fleet.clusters(found), getattr(args, "cluster", None))
+        every_cluster = fleet.clusters(found)
+        cluster = choose_cluster(every_cluster, getattr(args, "cluster", None))
+        guardrail.check_roles(cluster.services)
     except services.InputError as error:
         print(f"poolwise doctor: {error}", file=sys.stderr)
         return UNREACHABLE
@@ -694,12 +785,17 @@ def run(args: Namespace) -> int:
         print(f"poolwise doctor: {error}", file=sys.stderr)
         return UNREACHABLE
     verdicts = examine(cluster, server, bouncer, args.idle_in_transaction_seconds)
+    verdicts += other_clusters_skipped(every_cluster, cluster)
     findings = [verdict for verdict in verdicts if verdict.finding]
+    skipped = [verdict for verdict in verdicts if verdict.skipped]
     if args.json:
         print(json.dumps([verdict.as_json() for verdict in verdicts], indent=2))
     else:
         print(header(cluster, server, bouncer))
         for verdict in verdicts:
             print(verdict.text())
-        print(_count(len(findings), "finding") if findings else "healthy: no findings")
+        summary = _count(len(findings), "finding") if findings else "healthy: no findings"
+        if skipped:
+            summary += f" ({len(skipped)} skipped: see the skipped lines)"
+        print(summary)
     return FINDINGS if findings else HEALTHY

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from . import budget
+from . import budget, guardrail
 from .services import InputError, Service
 
 
@@ -256,29 +256,31 @@ def as_json(result: list[Cluster]) -> dict[str, Any]:
     }
 
 
-def _quote_role(role: str) -> str:
-    return '"' + role.replace('"', '""') + '"'
+def choose(result: list[Cluster], name: str | None) -> list[Cluster]:
+    """The clusters to report: all of them, or the one --cluster names."""
+    if name is None:
+        return result
+    chosen = [cluster for cluster in result if cluster.name == name]
+    if not chosen:
+        names = ", ".join(cluster.name for cluster in result)
+        raise InputError(f"--cluster {name}: the paths hold only {names}")
+    return chosen
 
 
 def sql(result: list[Cluster]) -> str:
-    """The guardrail: each service's role capped at its declared worst case on its cluster."""
-    lines = []
-    for cluster in result:
-        lines.append(f"-- cluster {cluster.name}: run as a superuser on its primary")
-        for service in cluster.services:
-            topology = service.worst.topology
-            lines.append(
-                f"ALTER ROLE {_quote_role(service.role)} CONNECTION LIMIT {service.total};"
-                f"  -- {service.name}: {budget.database_check(topology, service.limits).hop}"
-                f" {service.total} (migration included)"
-            )
-            if service.pooler == "pgbouncer":
-                pool = topology.pgbouncer_server_pool
-                lines.append(
-                    f"--   {service.name} deploy/pgbouncer/pgbouncer.ini [pgbouncer]:"
-                    f" max_db_connections = {pool}, max_user_connections = {pool}"
-                )
-    return "\n".join(lines)
+    """The guardrail of one cluster: each role capped at its services' summed worst case.
+
+    One cluster only, because its output is piped into one server: roles of another cluster
+    would be created and capped on the wrong one.
+    """
+    if len(result) != 1:
+        names = ", ".join(cluster.name for cluster in result)
+        raise InputError(
+            f"the paths hold the clusters {names}; --sql prints the SQL of one, to run on its"
+            " primary: pass --cluster NAME"
+        )
+    [cluster] = result
+    return guardrail.cluster_sql(cluster.name, cluster.services)
 
 
 SVG_COLORS = ("#4c78a8", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6", "#9d755d")

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -33,7 +35,14 @@ from typing import Any
 
 import psycopg
 import pytest
-from harness import ADMIN_APP_NAME, BOUNCER_PROBE_APP_NAME, PgBouncer, PostgresCluster, free_port
+from harness import (
+    ADMIN_APP_NAME,
+    BOUNCER_PROBE_APP_NAME,
+    PgBouncer,
+    PostgresCluster,
+    find_pg_bin,
+    free_port,
+)
 from loadgen import BackgroundLoad, items_mix
 from psycopg import sql
 from rendering import clean_env
@@ -227,7 +236,7 @@ def scenario(realdb_binaries: None, tmp_path_factory: pytest.TempPathFactory) ->
     with contextlib.ExitStack() as stack:
         postgres = stack.enter_context(PostgresCluster(max_connections=MAX_CONNECTIONS))
         _create_roles(postgres, declared)
-        # The guardrail exactly as printed: ALTER ROLE ... CONNECTION LIMIT <worst case>.
+        # The guardrail exactly as printed: each existing role altered to its worst case.
         with postgres.connect(dbname="postgres") as superuser:
             superuser.execute(fleet_sql.stdout)  # type: ignore[call-overload]
         projects["orders-api"].create_schema(postgres.dsn())
@@ -496,3 +505,234 @@ def test_an_unreachable_or_unprivileged_dsn_is_one_line_and_exit_2(scenario: Fle
     assert result.returncode == 2 and result.stdout == ""
     [line] = result.stderr.splitlines()
     assert line.endswith("the role cannot read other sessions' state; GRANT pg_monitor TO app")
+
+
+# ----------------------------------------------------------------------------- the guardrail SQL
+
+# Names a service repository could hold, each trying to end the comment, identifier, literal or
+# dollar quote it is written into, or to reach a psql meta-command, and run something as the
+# superuser who pipes `poolwise fleet --sql` into psql.
+INJECTED = "ALTER ROLE app SUPERUSER; --"
+HOSTILE_CLUSTER = f"orders-db\n{INJECTED}"
+HOSTILE = [  # (service name, role)
+    (f"newline\n{INJECTED}", f"r-newline\n; {INJECTED}"),
+    (f"carriage-return\r{INJECTED}", f'r-quote"; {INJECTED}'),
+    ("comment */ ALTER ROLE app SUPERUSER; /*", f"r-literal'); {INJECTED}"),
+    (f"quotes ' \" ; {INJECTED}", "r-backslash\\'; \\gexec \\! touch pwned"),
+    ("backslash \\ \\! touch pwned", f"r-dollar $poolwise$; {INJECTED} $poolwise$"),
+    (f"line-separator\u2028{INJECTED}", "r-separators\u2028\u0085*/;"),
+    (f"next-line\u0085{INJECTED}", "found"),  # PL/pgSQL's own variable in every DO block
+    (f"nul\x00{INJECTED}", "r-format %I %L %s :app"),  # format() and a psql variable
+]
+
+
+@dataclass
+class Guardrail:
+    """A private PostgreSQL, and two rendered services that no role has been made for yet."""
+
+    postgres: PostgresCluster
+    projects: dict[str, RenderedProject]
+    declared: dict[str, fleet_services.Service]
+    observer: psycopg.Connection[Any]
+
+    def settle(self) -> None:
+        """Bounded wait until no session but the observer's is open (the setup's have ended)."""
+        deadline = time.monotonic() + 20.0
+        while time.monotonic() < deadline:
+            others = self.observer.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            ).fetchone()
+            if others is not None and others[0] == 0:
+                return
+            time.sleep(0.1)
+        raise AssertionError("sessions of the setup still open after 20 s")
+
+    def roles(self) -> dict[str, tuple[bool, bool, int]]:
+        """Every role but the built-in pg_* ones: (rolsuper, rolcanlogin, rolconnlimit)."""
+        rows = self.observer.execute(
+            "SELECT rolname, rolsuper, rolcanlogin, rolconnlimit FROM pg_roles"
+            " WHERE rolname !~ '^pg_'"
+        ).fetchall()
+        return {name: (superuser, login, limit) for name, superuser, login, limit in rows}
+
+    def doctor(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        dsn = self.postgres.dsn("postgres", DOCTOR_ROLE, password=DOCTOR_PASSWORD, driver="")
+        paths = [str(project.root) for project in self.projects.values()]
+        return poolwise("doctor", "--dsn", dsn, *extra, *paths)
+
+
+@pytest.fixture(scope="module")
+def guardrail(
+    realdb_binaries: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Guardrail]:
+    base = tmp_path_factory.mktemp("guardrail")
+    projects = {
+        name: render(base / name, _answers(name, 0)) for name in ("orders-api", "billing-api")
+    }
+    declared = {name: fleet_services.load(project.root) for name, project in projects.items()}
+    with PostgresCluster(max_connections=MAX_CONNECTIONS) as postgres:
+        postgres.psql(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(DOCTOR_ROLE), sql.Literal(DOCTOR_PASSWORD)
+            )
+        )
+        postgres.psql(sql.SQL("GRANT pg_monitor TO {}").format(sql.Identifier(DOCTOR_ROLE)))
+        with psycopg.connect(
+            postgres.dsn("postgres", DOCTOR_ROLE, password=DOCTOR_PASSWORD, driver=""),
+            application_name=DOCTOR_APP_NAME,
+            autocommit=True,
+        ) as observer:
+            yield Guardrail(postgres, projects, declared, observer)
+
+
+def hostile_copy(project: RenderedProject, destination: Path, name: str, role: str) -> Path:
+    """The project with a hostile service name, cluster and role in its files (TOML escapes)."""
+    shutil.copytree(project.root, destination, symlinks=True)
+    [db] = destination.glob("src/*/db")
+    for file, values in (
+        (db / "topology.toml", {"name": name}),
+        (db / "database_limits.toml", {"cluster": HOSTILE_CLUSTER, "role": role}),
+    ):
+        text = file.read_text()
+        for key, value in values.items():
+            # json.dumps of a string without astral characters is a TOML basic string.
+            text, count = re.subn(
+                rf"(?m)^{key} = .*$",
+                lambda _, v=value, k=key: f"{k} = {json.dumps(v)}",
+                text,
+                count=1,
+            )
+            assert count == 1, (file, key)
+        file.write_text(text)
+    return destination
+
+
+def run_psql(postgres: PostgresCluster, script: Path) -> subprocess.CompletedProcess[str]:
+    """psql as the README runs it: the superuser, stop at the first error, no ~/.psqlrc."""
+    bin_dir = find_pg_bin()
+    assert bin_dir is not None
+    return subprocess.run(
+        [
+            str(bin_dir / "psql"),
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            postgres.dsn("postgres", postgres.superuser, driver=""),
+            "-f",
+            str(script),
+        ],
+        cwd=script.parent,  # where `\! touch pwned` would leave its file
+        env=clean_env(without_pg=True),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_hostile_names_in_service_files_cannot_run_sql_through_psql(
+    guardrail: Guardrail, tmp_path: Path
+) -> None:
+    template = guardrail.projects["orders-api"]
+    copies = [
+        hostile_copy(template, tmp_path / f"service-{index}", name, role)
+        for index, (name, role) in enumerate(HOSTILE)
+    ]
+    # One hostile role exists already (NOLOGIN, another limit): its branch is ALTER ROLE.
+    existing = HOSTILE[0][1]
+    guardrail.postgres.psql(
+        sql.SQL("CREATE ROLE {} NOLOGIN CONNECTION LIMIT 99").format(sql.Identifier(existing))
+    )
+    before = guardrail.roles()
+    printed = poolwise("fleet", "--sql", *map(str, copies))
+    # Eight copies of orders-api are over the 57 connections: exit 1, the SQL printed all the same.
+    assert printed.returncode == 1 and printed.stderr == "", printed.stderr
+    script = tmp_path / "guardrail.sql"
+    script.write_text(printed.stdout)
+    print(f"\n$ poolwise fleet --sql ... | psql\n{printed.stdout}")
+
+    applied = run_psql(guardrail.postgres, script)
+    after = guardrail.roles()
+    # Nothing became a superuser, nothing ran in a shell, no other role was touched.
+    assert [role for role, (superuser, _, _) in after.items() if superuser] == [
+        guardrail.postgres.superuser
+    ], after
+    assert not (tmp_path / "pwned").exists()
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    worst_case = guardrail.declared["orders-api"].total
+    expected = {role: worst_case for _, role in HOSTILE}
+    assert {role: after[role][2] for role in expected} == expected
+    assert after[existing] == (False, False, worst_case)  # altered: still NOLOGIN
+    assert all(after[role] == (False, True, worst_case) for role in expected if role != existing)
+    assert set(after) == set(before) | set(expected)
+    assert {role: after[role] for role in before if role not in expected} == {
+        role: state for role, state in before.items() if role not in expected
+    }
+    # Idempotent: run again, every role exists now and is altered to the same limit.
+    again = run_psql(guardrail.postgres, script)
+    assert again.returncode == 0, again.stderr
+    assert guardrail.roles() == after
+
+
+def test_a_nul_in_a_role_is_refused_before_any_sql(guardrail: Guardrail, tmp_path: Path) -> None:
+    copy = hostile_copy(guardrail.projects["orders-api"], tmp_path / "nul", "nul", "app\x00x")
+    for command in (["fleet", "--sql"], ["doctor", "--dsn", "postgresql://127.0.0.1:1/x"]):
+        result = poolwise(*command, str(copy))
+        assert (result.returncode, result.stdout) == (2, ""), result.stderr
+        [line] = result.stderr.splitlines()
+        assert "database_limits.toml: [database] role 'app\\x00x'" in line, line
+        assert "contains a NUL character" in line
+
+
+def role_verdict(verdicts: list[dict[str, Any]], role: str) -> dict[str, Any]:
+    return by_check(verdicts)[("role_connection_limit", role)]
+
+
+def test_doctor_fixes_a_missing_role_with_create_role_and_lists_what_it_skipped(
+    guardrail: Guardrail,
+) -> None:
+    orders, billing = guardrail.declared["orders-api"], guardrail.declared["billing-api"]
+    # billing_api exists with another limit; orders_api does not exist at all.
+    guardrail.postgres.psql(
+        sql.SQL("CREATE ROLE {} LOGIN CONNECTION LIMIT 1").format(sql.Identifier(billing.role))
+    )
+    guardrail.settle()
+    first = guardrail.doctor("--json")
+    assert first.returncode == 1, first.stdout + first.stderr
+    verdicts = json.loads(first.stdout)
+    assert findings(verdicts) == {
+        ("role_connection_limit", orders.role),
+        ("role_connection_limit", billing.role),
+    }
+    create = role_verdict(verdicts, orders.role)["data"]["fix_sql"]
+    alter = role_verdict(verdicts, billing.role)["data"]["fix_sql"]
+    assert create == f'CREATE ROLE "{orders.role}" LOGIN CONNECTION LIMIT {orders.total};'
+    assert alter == f'ALTER ROLE "{billing.role}" CONNECTION LIMIT {billing.total};'
+    # No --pgbouncer-dsn: billing-api's PgBouncer checks are listed as skipped, not passed.
+    [skip] = [verdict for verdict in verdicts if verdict["skipped"]]
+    assert (skip["kind"], skip["subject"], skip["finding"]) == (
+        "pgbouncer_checks",
+        "billing-api",
+        False,
+    )
+    assert skip["data"]["reason"] == "no --pgbouncer-dsn"
+
+    # The suggested statements, as a superuser runs them: both succeed and fix both roles.
+    for statement in (create, alter):
+        guardrail.postgres.psql(statement)
+    guardrail.settle()
+    second = guardrail.doctor()
+    print(f"\n$ poolwise doctor ...\n{first.stdout}\n$ poolwise doctor ...\n{second.stdout}")
+    assert second.returncode == 0, second.stdout + second.stderr
+    lines = second.stdout.splitlines()
+    assert f"ok       role {orders.role}: CONNECTION LIMIT {orders.total} = {orders.total}" in (
+        "\n".join(lines)
+    )
+    assert any(
+        line.startswith("skipped  billing-api PgBouncer checks (pgbouncer_pool_mode,")
+        and "no --pgbouncer-dsn" in line
+        for line in lines
+    ), second.stdout
+    assert lines[-1] == "healthy: no findings (1 skipped: see the skipped lines)"
