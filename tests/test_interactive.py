@@ -228,6 +228,7 @@ def test_a_number_typed_at_a_prompt_must_be_plain_decimal_digits(tmp_path: Path)
         "Extra connections a process may open",
         "Seconds a request waits",
         "Seconds after which",
+        "Label key=value of the namespace Prometheus scrapes from",
     ]:
         tui.answer(ENTER, then)
     tui.child.send(ENTER)
