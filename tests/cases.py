@@ -646,4 +646,24 @@ REFUSED = [
         "(8 replicas_max + 4 max_surge + 4 terminating) x 1 workers_per_pod"
         " x (5 pool_size + 5 max_overflow) = 160",
     ),
+    # The NetworkPolicy's namespaceSelector for the metrics port: a Kubernetes label, key=value.
+    Refusal(
+        "monitoring-label-without-a-value",
+        {"monitoring_namespace_label": "monitoring"},
+        "monitoring_namespace_label",
+        'monitoring_namespace_label="monitoring" is not allowed: it must be a namespace label as'
+        " key=value, for example kubernetes.io/metadata.name=monitoring",
+    ),
+    Refusal(
+        "monitoring-label-key-not-a-label-key",
+        {"monitoring_namespace_label": "Team Name=monitoring"},
+        "monitoring_namespace_label",
+        'its key "Team Name" is not a Kubernetes label key',
+    ),
+    Refusal(
+        "monitoring-label-value-too-long",
+        {"monitoring_namespace_label": "team=" + "m" * 64},
+        "monitoring_namespace_label",
+        "is not a Kubernetes label value (at most 63 letters, digits",
+    ),
 ]

@@ -316,6 +316,93 @@ def test_security_scan_finds_nothing_but_the_documented_exceptions(render, tmp_p
         assert f"`{check}`" in readmes[shape], f"{shape}: README.md does not explain {check}"
 
 
+def selects(selector: dict, labels: dict) -> bool:
+    """A label selector as Kubernetes applies it; only matchLabels is rendered here."""
+    assert set(selector) <= {"matchLabels"}, f"not evaluated here: {selector}"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def admits(policy: dict, pod_ports: dict[str, int], namespace: dict, port: int) -> bool:
+    """Whether the NetworkPolicy lets a pod of another namespace, labelled `namespace`, reach TCP
+    `port` of the pods it selects (their container ports by name: `pod_ports`).
+
+    The rules are ORed; within one, an absent or empty `from` admits every source and absent
+    or empty `ports` every port, as the API defines them. What the template does not render
+    (ipBlock, podSelector peers, endPort) fails the test rather than being guessed at.
+    """
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    for rule in policy["spec"].get("ingress") or []:
+        peers = rule.get("from") or []
+        for peer in peers:
+            assert set(peer) == {"namespaceSelector"}, f"not evaluated here: {peer}"
+        if peers and not any(selects(peer["namespaceSelector"], namespace) for peer in peers):
+            continue
+        entries = rule.get("ports") or []
+        for entry in entries:
+            assert set(entry) <= {"port", "protocol"}, f"not evaluated here: {entry}"
+        if not entries or any(
+            entry.get("protocol", "TCP") == "TCP"
+            and pod_ports.get(entry["port"], entry["port"]) == port
+            for entry in entries
+        ):
+            return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("answers", "monitoring"),
+    [
+        ({"target": "k8s-sync"}, {"kubernetes.io/metadata.name": "monitoring"}),
+        (
+            {"target": "k8s-async", "monitoring_namespace_label": "example.com/scrapes=pods"},
+            {"kubernetes.io/metadata.name": "observability", "example.com/scrapes": "pods"},
+        ),
+    ],
+    ids=["k8s-sync-default-label", "k8s-async-platform-label"],
+)
+def test_the_metrics_port_is_open_to_the_monitoring_namespace_only(
+    render, answers: dict, monitoring: dict
+) -> None:
+    project = render(answers)
+    docs = kustomize(project)
+    app = app_name("poolwise-service")
+    [deployment] = [doc for doc in docs if doc["kind"] == "Deployment"]
+    [policy] = [doc for doc in docs if doc["kind"] == "NetworkPolicy"]
+    [service] = [doc for doc in docs if doc["kind"] == "Service"]
+    template = deployment["spec"]["template"]
+    assert selects(policy["spec"]["podSelector"], template["metadata"]["labels"])
+    [container] = template["spec"]["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"http": 8000, "metrics": 9464}
+    # Prometheus finds the metrics by the pod's annotations, on the metrics port.
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(ports["metrics"])
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert {port["name"]: port["targetPort"] for port in service["spec"]["ports"]} == {
+        "http": "http",
+        "metrics": "metrics",
+    }
+
+    elsewhere = [
+        {"kubernetes.io/metadata.name": "default"},
+        {"kubernetes.io/metadata.name": app},
+        {"kubernetes.io/metadata.name": "monitoring-dev"},
+    ]
+    assert admits(policy, ports, monitoring, ports["metrics"])
+    assert not any(admits(policy, ports, labels, ports["metrics"]) for labels in elsewhere)
+    # The API port as before: from anywhere.
+    assert all(admits(policy, ports, labels, 8000) for labels in [monitoring, *elsewhere])
+    assert not admits(policy, ports, monitoring, 5432)
+
+
+def test_job_pods_admit_nothing(render) -> None:
+    [policy] = [
+        doc for doc in kustomize(render({"target": "batch"})) if doc["kind"] == "NetworkPolicy"
+    ]
+    monitoring = {"kubernetes.io/metadata.name": "monitoring"}
+    assert not any(admits(policy, {}, monitoring, port) for port in (8000, 9464))
+
+
 # (answers, file, text in the file, replacement, a line of the generated test's failure). Every
 # other kind of edit teams make is in tests/test_effective_budget.py; these run the whole
 # generated suite, so the project's other tests are shown to live with the edit too.

@@ -128,6 +128,7 @@ def test_asyncpg_is_shown_disabled_with_its_reason_and_cannot_be_picked(tmp_path
     for then in ["Extra connections a process", "Seconds a request waits", "Seconds after which"]:
         tui.answer(ENTER, then)
     tui.answer(ENTER, "PgBouncer default_pool_size")
+    tui.answer(ENTER, "Label key=value of the namespace Prometheus scrapes from")
     tui.child.send(ENTER)
 
     assert tui.finish() == 0
@@ -180,12 +181,20 @@ def test_a_budget_broken_by_earlier_answers_is_refused_and_corrected_at_the_prom
     assert "Traceback" not in tui.text()
     tui.answer(CLEAR_LINE + "4" + ENTER, "Seconds a request waits")
     tui.answer(ENTER, "Seconds after which")
-    tui.child.send(ENTER)
+    tui.answer(ENTER, "Label key=value of the namespace Prometheus scrapes from")
+    # A label that is no key=value is refused under the input, and asked again.
+    tui.answer(
+        CLEAR_LINE + "monitoring" + ENTER,
+        "Validation error for question 'monitoring_namespace_label'",
+    )
+    tui.child.send(CLEAR_LINE + "example.com/scrapes=pods" + ENTER)
 
     assert tui.finish() == 0
     topology = declared(project)
     assert topology["processes"]["workers_per_pod"] == 2
     assert (topology["pool"]["pool_size"], topology["pool"]["max_overflow"]) == (10, 4)
+    policy = (project / "deploy" / "k8s" / "networkpolicy.yaml").read_text()
+    assert '"example.com/scrapes": "pods"' in policy
 
 
 def test_a_number_typed_at_a_prompt_must_be_plain_decimal_digits(tmp_path: Path) -> None:
@@ -219,6 +228,7 @@ def test_a_number_typed_at_a_prompt_must_be_plain_decimal_digits(tmp_path: Path)
         "Extra connections a process may open",
         "Seconds a request waits",
         "Seconds after which",
+        "Label key=value of the namespace Prometheus scrapes from",
     ]:
         tui.answer(ENTER, then)
     tui.child.send(ENTER)
@@ -276,6 +286,7 @@ def test_max_surge_typed_as_a_percentage_is_counted_in_pods(tmp_path: Path) -> N
         "pooler": "none",
         "pool_timeout": 5,
         "pool_recycle": 1800,
+        "monitoring_namespace_label": "kubernetes.io/metadata.name=monitoring",
         **answers,
     }
     tui = Terminal(project, *data_args(given))

@@ -189,6 +189,8 @@ class ServiceProcess:
         self.project = project
         self.application_name = application_name
         self.port = 0
+        # The pod's metrics server (prometheus.py), on a port of its own as in a pod.
+        self.metrics_port = 0
         self.module = module or project.package
         # The command after the interpreter: `-m <pkg>` (the real entry point) unless given.
         self.argv = argv or ["-m", self.module]
@@ -211,11 +213,13 @@ class ServiceProcess:
         last = ""
         for _attempt in range(3):  # bounded retry on the free-port race
             self.port = free_port()
+            self.metrics_port = free_port()
+            ports = {"PORT": self.port, "METRICS_PORT": self.metrics_port}
             with self.log_path.open("ab") as log:
                 self.proc = subprocess.Popen(
                     [sys.executable, *self.argv],
                     cwd=self.project.root,
-                    env=self.project.env(PORT=self.port, **self._env),
+                    env=self.project.env(**ports, **self._env),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -158,8 +158,11 @@ def start_k8s_service(
     log = ""
     for _attempt in range(3):  # bounded retry on the free-port race
         port = free_port()
-        # HOST: the image listens on 0.0.0.0; tests listen on 127.0.0.1 only.
-        env = shipped.env(HOST="127.0.0.1", PORT=port, DATABASE_URL=database_url)
+        # HOST: the image listens on 0.0.0.0; tests listen on 127.0.0.1 only. The image's
+        # METRICS_PORT is a fixed port, which tests running at once would share: each its own.
+        env = shipped.env(
+            HOST="127.0.0.1", PORT=port, METRICS_PORT=free_port(), DATABASE_URL=database_url
+        )
         with log_path.open("wb") as sink:
             proc = shipped.popen(
                 shipped.command(), env, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink

@@ -3,8 +3,8 @@
 As in test_saturation.py, a superuser transaction locks the items table, so every
 GET /items/{id} blocks inside PostgreSQL holding its pooled connection. More clients than the
 pod has connections send one request each at once: `used` of them hold a connection, the rest
-wait and, after pool_timeout, get 503. What GET /metrics exports (summed over the pod's uvicorn
-workers) is compared with what is known without it:
+wait and, after pool_timeout, get 503. What GET /metrics on the metrics port exports (the pod's
+one metrics server, summed over its uvicorn workers) is compared with what is known without it:
 
 - db.client.connection.count{state=used} with the service's backends that are `active` in
   pg_stat_activity (blocked on the lock), used + idle with all of its backends (overflow
@@ -15,21 +15,26 @@ workers) is compared with what is known without it:
   200s (one checkout each); use_time's sum with how long those requests took.
 
 Tolerance: every count must match exactly. A worker publishes its numbers every second, so a
-scrape can see another worker's numbers up to a second late: each comparison polls, for at
-most 4 s, until one scrape matches. use_time's sum must lie between the held requests' summed
+scrape can see a worker's numbers up to a second late: each comparison polls, for at most 4 s,
+until one scrape matches. use_time's sum must lie between the held requests' summed
 latency minus 0.5 s each (HTTP, admission and the response around the checkout) and that sum.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import PostgresCluster
+from loadgen import load, repeat_get
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from services import (
@@ -57,8 +62,8 @@ PER_REQUEST_OVERHEAD_S = 0.5
 
 
 def scrape(service: ServiceProcess) -> dict[str, float]:
-    """The service's pool numbers from GET /metrics (its pool name's series only)."""
-    url = f"http://127.0.0.1:{service.port}/metrics"
+    """The service's pool numbers from GET /metrics on its metrics port (its pool's series)."""
+    url = f"http://127.0.0.1:{service.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = response.read().decode()
@@ -73,6 +78,25 @@ def scrape(service: ServiceProcess) -> dict[str, float]:
                 continue  # buckets, and connects by error.type
             numbers[sample.name + (f"{{{state}}}" if state else "")] = sample.value
     return numbers
+
+
+def listening(pids: list[int], port: int) -> list[int]:
+    """The pids among `pids` that hold a socket listening on 127.0.0.1:`port` (from /proc)."""
+    inodes = {
+        fields[9]
+        for fields in (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
+        if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port  # 0A: LISTEN
+    }
+    holders = []
+    for pid in pids:
+        targets = set()
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):  # closed since the listing
+                    targets.add(os.readlink(fd))
+        if any(f"socket:[{inode}]" in targets for inode in inodes):
+            holders.append(pid)
+    return holders
 
 
 def used(numbers: dict[str, float]) -> float:
@@ -136,10 +160,26 @@ def test_exported_pool_metrics_match_the_pool_past_its_capacity(
         rendered, database.dsn(driver=""), app_name(f"metrics-{name}"), WEB_CONCURRENCY=workers
     )
     [item] = seed_items(service, 1, "metered")
+    sent = workers * capacity + EXTRA_CLIENTS
+    # The API port serves no metrics: they are on the metrics port alone.
+    with pytest.raises(urllib.error.HTTPError) as on_the_api_port:
+        urllib.request.urlopen(f"http://127.0.0.1:{service.port}/metrics", timeout=5)
+    assert on_the_api_port.value.code == 404
+    # One metrics server per pod: the process that started uvicorn (its supervisor with several
+    # workers), never a worker, so every scrape is the whole pod's, once.
+    processes = [service.pid, *service.children()]
+    assert len(processes) > (workers if workers > 1 else 0), processes  # the workers are there
+    assert listening(processes, service.metrics_port) == [service.pid], processes
+    # Every worker serves requests before the measurement: a worker's first requests pay its
+    # one-time costs (first imports on the request path, an event loop blocked meanwhile), which
+    # are not the HTTP and admission around a checkout that the use_time bound below allows.
+    warm = load(
+        service.port, repeat_get(f"/items/{item}"), clients=sent, duration=1, max_requests=200
+    )
+    assert warm.ok() and not warm.failed(), warm.summary()
     before = settled(service)
     assert before["db_client_connection_max"] == workers * capacity  # every worker is counted
     assert before["db_client_connection_idle_max"] == workers * settings["pool_size"]
-    sent = workers * capacity + EXTRA_CLIENTS
     report: dict[str, object] = {"sent": sent}
 
     with items_locked(database):
