@@ -103,14 +103,18 @@ def settled(service: ServiceProcess, metrics_dir: Path, workers: int) -> dict[st
     """A scrape that holds every observation made before this call, in every worker.
 
     The scraped worker collects itself afresh; each other worker is read from the file it last
-    published, so wait until each worker's file is newer than this call. mtime comes from the
-    kernel's coarse clock, which lags time.time(), so a newer mtime means a later write.
+    published, so wait until each worker's file is newer than this call and carries its pool
+    (a worker still starting up publishes once before its engine is instrumented). mtime comes
+    from the kernel's coarse clock, which lags time.time(): a newer mtime means a later write.
     """
     since = time.time()
 
     def published() -> bool:
         files = list(metrics_dir.glob("*.json"))
-        return len(files) == workers and all(path.stat().st_mtime > since for path in files)
+        return len(files) == workers and all(
+            path.stat().st_mtime > since and service.application_name in path.read_text()
+            for path in files
+        )
 
     if not wait_until(published, PUBLISHED_WITHIN_S, interval=0.1):
         ages = {path.name: path.stat().st_mtime - since for path in metrics_dir.glob("*.json")}
