@@ -162,9 +162,12 @@ def test_a_statement_stuck_behind_a_lock_is_cancelled_and_answered_503(
     statuses = result.statuses
     assert statuses[503] > 0 and set(statuses) == {503}, result.summary()
     assert all(record.retry_after for record in result.records)
-    # Without the bound each request waited for the lock; with it, one bound plus one wait
-    # for a connection another cancelled statement frees.
-    assert max(record.latency for record in result.records) < 2 * BOUND_S + 1.5
+    # Without the bound each request waited for the lock; with it, every request gets a
+    # connection that a cancelled statement frees, so none waits out pool_timeout for one (that
+    # would be the saturation 503, whatever the machine's load).
+    assert result.bodies_containing("saturated") == [], result.summary()
+    pool_timeout = service.project.settings()["pool_timeout"]
+    assert max(record.latency for record in result.records) < pool_timeout, result.summary()
     assert_nothing_leaked(database, service)
     assert request(service.port, "GET", f"/items/{ids[0]}", timeout=5)[0] == 200
 

