@@ -9,8 +9,13 @@ Run by hand, not by the test suite; it needs PostgreSQL's server binaries, like 
 and starts its own throwaway cluster on 127.0.0.1.
 
 A cold start is what a new execution environment does before its first answer: import the
-handler module (the engine is built at import) and run the first invocation, which opens the
-first connection. Each sample is a fresh interpreter that times both, in-process, around
+handler module (the engine is built at import, and the database credentials are read from
+Secrets Manager then) and run the first invocation, which opens the first connection. Secrets
+Manager is moto's server on 127.0.0.1 (tests/realdb/harness/secretsmanager.py), its secret the
+PostgreSQL role's username and password; both handlers get the configuration
+deploy/lambda/template.yaml gives the function (DATABASE_SECRET_ARN, DATABASE_HOST,
+DATABASE_PORT, DATABASE_NAME, no DATABASE_URL) and read the secret with boto3 at import. Each
+sample is a fresh interpreter that times both, in-process, around
 ``importlib.import_module(handler)`` and ``handler(event, None)`` with the project's own
 ``events/create-item.json`` (an insert, committed), against the same PostgreSQL as the same role;
 the parent also times the whole process from spawn to answer (interpreter start included; the
@@ -22,10 +27,13 @@ round, so drift and order hit each alike), after a discarded warm-up round:
 
   generated     ``copier copy --defaults --data target=lambda`` of this working tree: its
                 ``<pkg>.handler`` (settings, budget guard, engine, session_scope, routing)
-  hand-written  the guide's Lambda baseline: ``create_engine(url, poolclass=NullPool)`` and a
-                ``sessionmaker`` at import, one typed ``Mapped[]`` model of the same table, and a
-                handler that parses the same event, inserts, commits, closes and answers
-  generated@REF (``--compare-ref``) the template at a git ref, rendered the same way
+  hand-written  the guide's Lambda baseline: at import, the secret read with one boto3
+                ``get_secret_value`` and put in the URL of ``create_engine(url,
+                poolclass=NullPool)``, and a ``sessionmaker``; one typed ``Mapped[]`` model of
+                the same table, and a handler that parses the same event, inserts, commits,
+                closes and answers (no retry after a rotation: the careful minimum)
+  generated@REF (``--compare-ref``) the template at a git ref, rendered the same way (given
+                DATABASE_URL instead when it has no db/credentials.py: it cannot read a secret)
 
 Reported: medians of import, first invocation, their sum (the target: generated <= 1.02x
 hand-written), the CPU time the sample's process spent in them (less disturbed than wall time by
@@ -55,7 +63,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import load as bench  # noqa: E402  (bench/load.py: machine description, realdb imports)
-from harness import PostgresCluster, missing_requirements  # noqa: E402
+from harness import PostgresCluster, SecretsManagerServer, missing_requirements  # noqa: E402
 from rendering import clean_env  # noqa: E402
 from services import render  # noqa: E402
 
@@ -73,11 +81,25 @@ import json
 import os
 from datetime import datetime
 
-from sqlalchemy import String, create_engine, func
+import boto3
+from sqlalchemy import URL, String, create_engine, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 
-DATABASE_URL = os.environ["DATABASE_URL"].replace("postgresql://", "postgresql+psycopg://", 1)
+# The credentials from Secrets Manager, read once per execution environment.
+secret = json.loads(
+    boto3.client("secretsmanager").get_secret_value(SecretId=os.environ["DATABASE_SECRET_ARN"])[
+        "SecretString"
+    ]
+)
+DATABASE_URL = URL.create(
+    "postgresql+psycopg",
+    username=secret["username"],
+    password=secret["password"],
+    host=os.environ["DATABASE_HOST"],
+    port=int(os.environ["DATABASE_PORT"]),
+    database=os.environ["DATABASE_NAME"],
+)
 engine = create_engine(DATABASE_URL, poolclass=NullPool)
 SessionFactory = sessionmaker(bind=engine, class_=Session, autoflush=False, expire_on_commit=False)
 
@@ -158,6 +180,8 @@ class Variant:
     event: Path
     pythonpath: str
     cwd: Path
+    # How the function finds its database: filled in once the servers are up.
+    env: dict[str, str] = field(default_factory=dict)
     samples: dict[str, list[float]] = field(
         default_factory=lambda: {"import": [], "first": [], "cold": [], "cpu": [], "process": []}
     )
@@ -166,8 +190,8 @@ class Variant:
         return statistics.median(self.samples[key])
 
 
-def sample(variant: Variant, database_url: str) -> dict[str, float]:
-    env = clean_env(without_pg=True, PYTHONPATH=variant.pythonpath, DATABASE_URL=database_url)
+def sample(variant: Variant) -> dict[str, float]:
+    env = clean_env(without_pg=True, PYTHONPATH=variant.pythonpath, **variant.env)
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", PROBE, variant.module, str(variant.event)],
@@ -193,13 +217,10 @@ def sample(variant: Variant, database_url: str) -> dict[str, float]:
     }
 
 
-def instructions(variant: Variant, database_url: str) -> int:
+def instructions(variant: Variant) -> int:
     """Instructions one sample executes (valgrind callgrind): the same on a busy machine."""
     env = clean_env(
-        without_pg=True,
-        PYTHONPATH=variant.pythonpath,
-        DATABASE_URL=database_url,
-        PYTHONHASHSEED="0",
+        without_pg=True, PYTHONPATH=variant.pythonpath, PYTHONHASHSEED="0", **variant.env
     )
     proc = subprocess.run(
         [
@@ -225,9 +246,9 @@ def instructions(variant: Variant, database_url: str) -> int:
     return int(match[1])
 
 
-def own_import_times(variant: Variant, database_url: str, package: str) -> list[tuple[str, int]]:
+def own_import_times(variant: Variant, package: str) -> list[tuple[str, int]]:
     """Self time (us) of the project's own modules in one ``python -X importtime`` import."""
-    env = clean_env(without_pg=True, PYTHONPATH=variant.pythonpath, DATABASE_URL=database_url)
+    env = clean_env(without_pg=True, PYTHONPATH=variant.pythonpath, **variant.env)
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", f"import {variant.module}"],
         cwd=variant.cwd,
@@ -281,7 +302,8 @@ def report(
         "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()) + ".",
         "",
         "Each sample is a fresh interpreter: import of the handler module (the engine is built"
-        " at import), then the first invocation with the project's own"
+        " at import, and the database credentials are read from Secrets Manager with boto3, here"
+        " moto's server on 127.0.0.1), then the first invocation with the project's own"
         " `events/create-item.json` (an insert, committed, over a new NullPool connection to the"
         " same PostgreSQL on 127.0.0.1, as the same role), byte-compiled ahead as `pip install`"
         " does. The variants alternate, the order"
@@ -331,8 +353,8 @@ def report(
         ]
     lines += [
         "The generated import's own modules (`python -X importtime`, self time, one import;"
-        " everything else it imports, SQLAlchemy and psycopg, the hand-written handler imports"
-        " too):",
+        " everything else it imports, SQLAlchemy, psycopg and boto3, the hand-written handler"
+        " imports too):",
         "",
         "| module | self |",
         "|---|---:|",
@@ -403,26 +425,40 @@ def main() -> int:
         )
     for variant in variants:
         compile_bytecode(Path(variant.pythonpath))
-    with PostgresCluster(max_connections=40) as cluster:
-        url = cluster.dsn(driver="")
+    with PostgresCluster(max_connections=40) as cluster, SecretsManagerServer() as aws:
         print(f"schema: {project.create_schema(cluster.dsn())}")
+        secret = {"username": cluster.app_user, "password": cluster.app_password}
+        function_config = {
+            "DATABASE_SECRET_ARN": aws.create_secret("cold-start-db", secret),
+            "DATABASE_HOST": cluster.host,
+            "DATABASE_PORT": str(cluster.port),
+            "DATABASE_NAME": cluster.app_db,
+            **aws.sdk_env(),
+        }
+        for variant in variants:
+            package = Path(variant.pythonpath) / variant.module.split(".")[0]
+            reads_secret = (package / "db" / "credentials.py").exists()
+            if variant.label == "hand-written" or reads_secret:
+                variant.env = function_config
+            else:
+                variant.env = {"DATABASE_URL": cluster.dsn(driver="")}
         for variant in variants:  # warm-up: files in the page cache; discarded
-            sample(variant, url)
+            sample(variant)
         for number in range(args.rounds):
             shift = number % len(variants)
             for variant in variants[shift:] + variants[:shift]:
-                for key, value in sample(variant, url).items():
+                for key, value in sample(variant).items():
                     variant.samples[key].append(value)
             print(
                 f"  round {number + 1}/{args.rounds}: "
                 + ", ".join(f"{v.label} {ms(v.samples['cold'][-1])}" for v in variants)
             )
-        own = own_import_times(variants[0], url, project.package)
+        own = own_import_times(variants[0], project.package)
         counted = {}
         if args.callgrind:
             print("counting instructions (valgrind) ...")
             empty = Variant("empty", "empty_handler", event, str(handwritten_dir), handwritten_dir)
-            counted = {v.label: instructions(v, url) for v in [*variants, empty]}
+            counted = {v.label: instructions(v) for v in [*variants, empty]}
     shutil.rmtree(workdir, ignore_errors=True)
     section = report(args, info, variants, own, counted, started)
     print(section)

@@ -32,8 +32,8 @@ COPIER_OVERRIDE = "POOLWISE_TEST_COPIER"
 # Leftover Jinja in a rendered file means an undefined variable rendered as nothing or a tag
 # that was not closed; the rendered project must contain none.
 JINJA_LEFTOVER = re.compile(r"\{\{|\}\}|\{%|%\}|\{#|#\}")
-# CloudFormation dynamic references ({{resolve:secretsmanager:...}}) are meant to be rendered.
-CLOUDFORMATION_DYNAMIC_REFERENCE = re.compile(r"\{\{resolve:.+?\}\}")
+# No exception for CloudFormation dynamic references ({{resolve:...}}): none is rendered, since a
+# resolved secret would land in the functions' configuration.
 
 
 # ----------------------------------------------------------------------------- environment
@@ -230,6 +230,6 @@ def jinja_leftovers(project: Path) -> list[str]:
             continue
         text = path.read_text(errors="replace")
         for number, line in enumerate(text.splitlines(), start=1):
-            if JINJA_LEFTOVER.search(CLOUDFORMATION_DYNAMIC_REFERENCE.sub("", line)):
+            if JINJA_LEFTOVER.search(line):
                 found.append(f"{path.relative_to(project)}:{number}: {line.strip()}")
     return found

@@ -205,7 +205,14 @@ def test_deploy_files_build_and_validate_offline(render, case: Case) -> None:
         assert (
             sam["Resources"]["MigrationFunction"]["Properties"]["ReservedConcurrentExecutions"] == 1
         )
-        assert "{{resolve:secretsmanager:" in function["Environment"]["Variables"]["DATABASE_URL"]
+        # The functions get the secret's ARN and read it at init: no credential, and no
+        # dynamic reference that would put one in their configuration.
+        sam_text = (project / "deploy" / "lambda" / "template.yaml").read_text()
+        assert "resolve:secretsmanager" not in sam_text
+        for name in ("ServiceFunction", "MigrationFunction"):
+            variables = sam["Resources"][name]["Properties"]["Environment"]["Variables"]
+            assert "DATABASE_URL" not in variables, name
+            assert variables["DATABASE_SECRET_ARN"] == "DatabaseSecretArn", name
         if pooler == "rds-proxy":
             pool = sam["Resources"]["ProxyTargetGroup"]["Properties"]
             percent = pool["ConnectionPoolConfigurationInfo"]["MaxConnectionsPercent"]

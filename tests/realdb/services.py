@@ -380,11 +380,21 @@ def check_http_response(response: dict[str, Any]) -> dict[str, Any]:
 class LambdaEnvironment:
     """One execution environment (a process) running the generated handler."""
 
-    def __init__(self, project: RenderedProject, database_url: str, application_name: str):
+    def __init__(
+        self,
+        project: RenderedProject,
+        database_url: str | None,
+        application_name: str,
+        **env: str,
+    ):
+        # database_url None: the function's own configuration instead, as deploy/lambda gives
+        # it (DATABASE_SECRET_ARN and where to connect, in env).
+        if database_url is not None:
+            env["DATABASE_URL"] = database_url
         self.proc = subprocess.Popen(
             [sys.executable, "-c", LAMBDA_RUNTIME, project.package],
             cwd=project.root,
-            env=project.env(DATABASE_URL=database_url, APPLICATION_NAME=application_name),
+            env=project.env(APPLICATION_NAME=application_name, **env),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -4,7 +4,8 @@ Every server is a throw-away instance: a fresh temporary directory, ``127.0.0.1`
 free ports picked at runtime, no Unix-domain sockets, and everything removed on stop.
 One module per concern: ``processes`` finds the binaries and runs them (as the service user
 when we are root), ``postgres`` is a cluster, ``pgbouncer`` a pooler in front of one (its
-docstring has what was learnt about PgBouncer 1.18), ``sampling`` watches pg_stat_activity.
+docstring has what was learnt about PgBouncer 1.18), ``sampling`` watches pg_stat_activity,
+``secretsmanager`` serves the Lambda target's database secret (moto's server).
 """
 
 # One port picker for every server the tests start (tests/ports.py), below the ephemeral range.
@@ -24,6 +25,7 @@ from .processes import (
     pid_alive,
 )
 from .sampling import ActivitySampler
+from .secretsmanager import SecretsManagerServer
 
 __all__ = [
     "ADMIN_APP_NAME",
@@ -34,6 +36,7 @@ __all__ = [
     "PgBouncer",
     "PoolMode",
     "PostgresCluster",
+    "SecretsManagerServer",
     "child_pids",
     "find_pg_bin",
     "find_pgbouncer",
