@@ -767,8 +767,10 @@ NOTES_FROM_THE_TEAM = (
 # team's appended sections meet the "Notes from the team" section added at the same place).
 # Each is in lines both the team and 0.2.0 changed; no later release can take it back.
 FIRST_UPDATE_CONFLICTS: dict[str, dict[str, list[str]]] = {
-    "v0.1.0": {"k8s-sync": [APP], "k8s-async": [APP], "lambda": [HANDLER]},
-    "v0.2.0": {},
+    # k8s-sync 0.1.0 had this release's `from . import items` line, so the team's import merges.
+    "v0.1.0": {"k8s-async": [APP], "lambda": [HANDLER]},
+    # This release moved /metrics off the API router: app.py's `from . import` line changed.
+    "v0.2.0": {"k8s-sync": [APP], "k8s-async": [APP]},
 }
 
 
@@ -882,15 +884,10 @@ def resolve_the_first_update(project: Path, target: str, release: str) -> None:
     readme = project / "README.md"
     # The release's "Notes from the team" section, then what the team had appended.
     readme.write_text(take_sides(readme.read_text(), lambda ours, new: f"{new}\n{ours.lstrip()}"))
-    if release == "v0.1.0" and target.startswith("k8s"):
+    if APP in FIRST_UPDATE_CONFLICTS[release].get(target, []):
         app = project / APP
         edit(app, lambda text: take_sides(text, lambda ours, new: new))
-        edit(
-            app,
-            replace_once(
-                r"^from \. import items, prometheus$", "from . import items, orders, prometheus"
-            ),
-        )
+        edit(app, replace_once(r"^from \. import items$", "from . import items, orders"))
     if release == "v0.1.0" and target == "lambda":
         # 0.2.0 rewrote the handler for the HTTP API: the branch becomes one of its routes.
         edit(project / HANDLER, lambda text: take_sides(text, lambda ours, new: new))
