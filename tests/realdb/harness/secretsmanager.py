@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,23 +21,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from ports import free_port
+
 from .processes import HOST
 
-# Below 32768, where Linux's ephemeral range (connect()'s own ports) starts.
-PORTS = range(20000, 32768)
 START_TIMEOUT_S = 30.0
-
-
-def _free_low_port() -> int:
-    for _ in range(200):
-        port = random.choice(PORTS)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind((HOST, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port on {HOST} in {PORTS.start}-{PORTS.stop - 1}")
 
 
 class SecretsManagerServer:
@@ -57,7 +43,7 @@ class SecretsManagerServer:
 
     def start(self, attempts: int = 5) -> Self:
         for _ in range(attempts):  # a port taken between the probe and the bind: another one
-            port = _free_low_port()
+            port = free_port(HOST)
             env = {
                 **os.environ,
                 "MOTO_ENABLE_RECORDING": "1",
