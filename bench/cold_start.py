@@ -33,7 +33,7 @@ round, so drift and order hit each alike), after a discarded warm-up round:
                 the same table, and a handler that parses the same event, inserts, commits,
                 closes and answers (no retry after a rotation: the careful minimum)
   generated@REF (``--compare-ref``) the template at a git ref, rendered the same way (given
-                DATABASE_URL instead when it has no db/credentials.py: it cannot read a secret)
+                DATABASE_URL instead when it has no db/secret.py: it cannot read a secret)
 
 Reported: medians of import, first invocation, their sum (the target: generated <= 1.02x
 hand-written), the CPU time the sample's process spent in them (less disturbed than wall time by
@@ -437,7 +437,7 @@ def main() -> int:
         }
         for variant in variants:
             package = Path(variant.pythonpath) / variant.module.split(".")[0]
-            reads_secret = (package / "db" / "credentials.py").exists()
+            reads_secret = (package / "db" / "secret.py").exists()
             if variant.label == "hand-written" or reads_secret:
                 variant.env = function_config
             else:

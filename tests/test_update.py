@@ -768,9 +768,10 @@ NOTES_FROM_THE_TEAM = (
 # Each is in lines both the team and 0.2.0 changed; no later release can take it back.
 FIRST_UPDATE_CONFLICTS: dict[str, dict[str, list[str]]] = {
     # k8s-sync 0.1.0 had this release's `from . import items` line, so the team's import merges.
-    "v0.1.0": {"k8s-async": [APP], "lambda": [HANDLER]},
+    # This release replaced the SAM template's DATABASE_URL line, next to the team's variable.
+    "v0.1.0": {"k8s-async": [APP], "lambda": [SAM_TEMPLATE, HANDLER]},
     # This release moved /metrics off the API router: app.py's `from . import` line changed.
-    "v0.2.0": {"k8s-sync": [APP], "k8s-async": [APP]},
+    "v0.2.0": {"k8s-sync": [APP], "k8s-async": [APP], "lambda": [SAM_TEMPLATE]},
 }
 
 
@@ -888,6 +889,20 @@ def resolve_the_first_update(project: Path, target: str, release: str) -> None:
         app = project / APP
         edit(app, lambda text: take_sides(text, lambda ours, new: new))
         edit(app, replace_once(r"^from \. import items$", "from . import items, orders"))
+    if SAM_TEMPLATE in FIRST_UPDATE_CONFLICTS[release].get(target, []):
+        # The team's variables stay; the DATABASE_URL line the release replaced goes.
+        edit(
+            project / SAM_TEMPLATE,
+            lambda text: take_sides(
+                text,
+                lambda ours, new: "".join(
+                    line
+                    for line in ours.splitlines(keepends=True)
+                    if not line.lstrip().startswith("DATABASE_URL:")
+                )
+                + new,
+            ),
+        )
     if release == "v0.1.0" and target == "lambda":
         # 0.2.0 rewrote the handler for the HTTP API: the branch becomes one of its routes.
         edit(project / HANDLER, lambda text: take_sides(text, lambda ours, new: new))

@@ -1,7 +1,7 @@
 """A real Secrets Manager API for the Lambda target: moto's server, in its own process.
 
 The generated Lambda function reads its database credentials from Secrets Manager at init
-(db/credentials.py). Its tests and bench/cold_start.py point the SDK at this server with
+(db/secret.py). Its tests and bench/cold_start.py point the SDK at this server with
 ``AWS_ENDPOINT_URL`` and dummy credentials (``sdk_env``). It listens on 127.0.0.1 at a port below
 the kernel's ephemeral range and records every request it serves, so a test counts the
 GetSecretValue calls a function really made (``calls``).
