@@ -895,12 +895,14 @@ def resolve_the_first_update(project: Path, target: str, release: str) -> None:
             project / SAM_TEMPLATE,
             lambda text: take_sides(
                 text,
-                lambda ours, new: "".join(
-                    line
-                    for line in ours.splitlines(keepends=True)
-                    if not line.lstrip().startswith("DATABASE_URL:")
-                )
-                + new,
+                lambda ours, new: (
+                    "".join(
+                        line
+                        for line in ours.splitlines(keepends=True)
+                        if not line.lstrip().startswith("DATABASE_URL:")
+                    )
+                    + new
+                ),
             ),
         )
     if release == "v0.1.0" and target == "lambda":
