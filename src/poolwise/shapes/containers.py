@@ -1,7 +1,7 @@
 """Which resources run pods, and which of their containers run the service's image.
 
 A workload is the service's when any container of its pod runs the service's image: the image
-is matched by its repository path, whatever the registry host (and port), tag or digest, so
+is matched by its repository name, whatever the registry host (and port), tag or digest, so
 ``orders``, ``orders:1.2``, ``ghcr.io/acme/orders@sha256:...`` and
 ``registry:5000/team/orders:1.2`` all run ``orders``. Every container of the pod counts:
 ``containers``, ``initContainers`` and native sidecars (an init container with
@@ -100,23 +100,21 @@ def _unparsable(reference: str, file: str, field: str, why: str) -> Refused:
 
 
 def runs_image(reference: str, service_images: Iterable[str], *, file: str = "") -> bool:
-    """Whether ``reference`` names one of the service's images, by repository path.
+    """Whether ``reference`` names one of the service's images: the same repository name (the
+    last component of the repository path), whatever the registry, namespace, tag or digest.
 
     ``service_images`` are the names the service's image goes by (the name in its manifests
-    and, after kustomize ``images:``, its ``newName``). Registry, tag and digest never matter;
-    the paths match when one ends with the other by whole components, so a manifest's
-    ``registry:5000/team/orders`` runs the service ``orders`` and ``ghcr.io/acme/orders``
-    runs ``acme/orders``. Matching on the tail errs towards counting a workload: an image
-    counted that is not the service's costs a refusal the team can answer, one missed is a
-    budget passed silently.
+    and, after kustomize ``images:``, its ``newName``). So ``registry:5000/team/orders`` and
+    ``ghcr.io/acme/orders@sha256:...`` both run the service ``orders``, and a copy mirrored
+    into another registry's namespace still counts. Matching on the name alone errs towards
+    counting: a workload counted that is not the service's costs a refusal the team answers
+    in topology.toml, one missed is a budget passed silently.
     """
-    image = parse_image(reference, file=file).name_components
-    for name in service_images:
-        wanted = parse_image(name, file=file, field="service image").name_components
-        shorter = min(len(image), len(wanted))
-        if image[-shorter:] == wanted[-shorter:]:
-            return True
-    return False
+    image = parse_image(reference, file=file).name_components[-1]
+    return any(
+        parse_image(name, file=file, field="service image").name_components[-1] == image
+        for name in service_images
+    )
 
 
 Role = Literal["container", "init", "sidecar"]

@@ -76,7 +76,7 @@ class Environment:
                 None,
                 opaque.source,
                 opaque.secret,
-                f"{opaque.source} may set {name}, and the budget cannot see its keys",
+                f"the ConfigMap is not under deploy/, and it may set {name}",
             )
         return value
 
@@ -94,7 +94,7 @@ class Environment:
                 f"{name} comes from a Secret; a budget input must be plain configuration the"
                 " budget can read, and the budget never reads Secrets",
                 f"set {name} as a plain env value (env: wins over envFrom) or in a ConfigMap"
-                f" under deploy/; {fix}",
+                " under deploy/",
             )
         raise Refused(self.file, value.source, f"{value.why}", fix)
 
@@ -169,7 +169,7 @@ def container_environment(
             if unknown is None:
                 env.values[name] = Value(text, where)
             else:
-                why = f"{where} refers to {unknown.why or unknown.source}"
+                why = f"refers to a variable the files do not determine ({unknown.source})"
                 env.values[name] = Value(None, where, unknown.secret, why)
             continue
         env.values[name] = _value_from(item["valueFrom"] or {}, where, config_maps)
@@ -193,11 +193,11 @@ def _value_from(
         label = f"{where} (configMapKeyRef {ref.get('name')}/{ref.get('key')})"
         if data is not None and ref.get("key") in data:
             return Value(str(data[ref["key"]]), label)
-        return Value(None, label, False, f"{label} names a ConfigMap key that is not under deploy/")
+        return Value(None, label, False, "names a ConfigMap key that is not under deploy/")
     kind = next(iter(value_from), "valueFrom")
     return Value(
         None,
         f"{where} ({kind})",
         False,
-        f"{where} is set at run time ({kind}), so the files do not say what it is",
+        "is set at run time, so the files do not say what it is",
     )
