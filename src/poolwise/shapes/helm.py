@@ -294,7 +294,8 @@ def _manifests(texts: Mapping[str, str], chart_label: str, suffix: str) -> list[
         text = texts[path]
         if base == "NOTES.txt" or base.startswith("_") or not text.strip():
             continue
-        origin = f"{chart_label}: {path}{suffix}"
+        # Helm names templates "<chart name>/templates/..."; shown as the file in the project.
+        origin = f"{chart_label}/{path.split('/', 1)[-1]}{suffix}"
         try:
             docs = list(yaml.safe_load_all(text))
         except yaml.YAMLError as error:
