@@ -214,6 +214,17 @@ COUNTED: list[tuple[str, dict, list[dict], int]] = [
         4,
     ),
     (
+        "canary maxSurge 1 on 3, weight 50 uneven: the surge grows by one, 3 + 1 + 1",
+        workload(
+            "Rollout",
+            ARGO,
+            replicas=3,
+            strategy=canary(maxSurge=1, maxUnavailable=0, steps=[{"setWeight": 50}]),
+        ),
+        [],
+        5,
+    ),
+    (
         "canary without steps acts like maxSurge: 4 + 1",
         workload("Rollout", ARGO, replicas=4, strategy=canary()),
         [],
@@ -477,3 +488,49 @@ FENCEPOSTS = [
 @pytest.mark.parametrize(("surge", "unavailable", "replicas", "expected"), FENCEPOSTS)
 def test_fenceposts_round_as_the_deployment_controller_does(surge, unavailable, replicas, expected):
     assert fenceposts(surge, unavailable, replicas, file=FILE, field="f") == expected
+
+
+UNKNOWN_SCALERS = [
+    (
+        "KEDA HTTP add-on HTTPScaledObject",
+        workload(
+            "HTTPScaledObject",
+            "http.keda.sh/v1alpha1",
+            scaleTargetRef={"name": "orders", "kind": "Deployment", "apiVersion": "apps/v1"},
+            replicas={"min": 1},
+        ),
+        "deploy/k8s/hpa.yaml: http.keda.sh/v1alpha1 HTTPScaledObject orders: scales Deployment"
+        " orders, and the budget does not know the most replicas it asks for; fix: scale with a"
+        " HorizontalPodAutoscaler (maxReplicas) or a KEDA ScaledObject (maxReplicaCount)",
+    ),
+    (
+        "KEDA 1 ScaledObject (keda.k8s.io)",
+        workload(
+            "ScaledObject",
+            "keda.k8s.io/v1alpha1",
+            scaleTargetRef={"deploymentName": "orders"},
+            maxReplicaCount=5,
+        ),
+        "deploy/k8s/hpa.yaml: keda.k8s.io/v1alpha1 ScaledObject orders: scales a workload orders,"
+        " and the budget does not know the most replicas it asks for; fix:",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("shape", "doc", "first"), UNKNOWN_SCALERS, ids=[u[0] for u in UNKNOWN_SCALERS]
+)
+def test_a_scaler_the_budget_does_not_know_is_refused(shape, doc, first):
+    with pytest.raises(Refused) as refused:
+        autoscaler(doc, "deploy/k8s/hpa.yaml")
+    assert str(refused.value).startswith(first)
+
+
+def test_resources_that_scale_nothing_are_not_autoscalers():
+    vpa = workload(
+        "VerticalPodAutoscaler",
+        "autoscaling.k8s.io/v1",
+        targetRef={"apiVersion": "apps/v1", "kind": "Deployment", "name": "orders"},
+    )
+    assert autoscaler(vpa, "vpa.yaml") is None
+    assert autoscaler(workload("Service", "v1"), "svc.yaml") is None

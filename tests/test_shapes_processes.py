@@ -134,6 +134,11 @@ COUNTED = [
         4,
     ),
     ("gunicorn -wN", {"command": ["gunicorn", "-w8", "a:b"]}, 8),
+    (
+        "gunicorn threads share a process",
+        {"command": ["gunicorn", "-w", "2", "--threads", "8", "a:b"]},
+        2,
+    ),
     ("gunicorn --workers=N", {"command": ["gunicorn", "--workers=3", "a:b"]}, 3),
     (
         "gunicorn GUNICORN_CMD_ARGS",

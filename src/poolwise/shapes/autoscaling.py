@@ -128,7 +128,8 @@ def _group(api_version: Any) -> str:
 
 
 def autoscaler(doc: Mapping[str, Any], file: str) -> Autoscaler | None:
-    """An HPA (any ``autoscaling/*`` version) or KEDA ``ScaledObject``; ``None`` otherwise.
+    """An HPA (any ``autoscaling/*`` version) or KEDA ``ScaledObject``; ``None`` for a resource
+    that scales nothing; refused for any other resource with a ``scaleTargetRef``.
 
     HPA: ``spec.maxReplicas`` is required.
     https://kubernetes.io/docs/reference/kubernetes-api/workload-resources/horizontal-pod-autoscaler-v2/
@@ -182,6 +183,18 @@ def autoscaler(doc: Mapping[str, Any], file: str) -> Autoscaler | None:
             _group(target.get("apiVersion") or "apps/v1"),
             maximum,
             source,
+        )
+    if "scaleTargetRef" in spec:
+        # Another scaler of a workload's replica count (KEDA's HTTPScaledObject, KEDA 1's
+        # keda.k8s.io API, a vendor's): its maximum is not known, so nothing it scales holds.
+        raise Refused(
+            file,
+            f"{doc.get('apiVersion')} {kind} {name}",
+            f"scales {target.get('kind') or 'a workload'}"
+            f" {target.get('name') or target.get('deploymentName')}, and the budget does not know"
+            " the most replicas it asks for",
+            "scale with a HorizontalPodAutoscaler (maxReplicas) or a KEDA ScaledObject"
+            " (maxReplicaCount)",
         )
     return None
 

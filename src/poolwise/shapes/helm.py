@@ -11,9 +11,10 @@ A chart's variants: its ``values.yaml`` alone, and each further values file besi
 (``values-<name>.yaml``, ``values.<name>.yaml``, ``<name>.values.yaml``, or any file in a
 ``values/`` folder beside Chart.yaml) layered on it, like an overlay on a kustomize base.
 
-What ``helm template`` does that the render step alone does not, done here as Helm does it:
-values files merged in order (``pkg/cli/values/options.go``, mergeMaps), the chart's
-``values.schema.json`` checked, dependencies declared in Chart.yaml required in ``charts/``
+What ``helm template`` does that the render step alone does not (it checks
+``values.schema.json`` itself), done here as Helm does it:
+values files merged in order (``pkg/cli/values/options.go``, mergeMaps), dependencies
+declared in Chart.yaml required in ``charts/``
 (``action.CheckDependencies``), ``NOTES.txt`` and ``_`` partials left out of the manifests
 (``releaseutil.SortManifests``).
 https://helm.sh/docs/helm/helm_template/
@@ -186,7 +187,6 @@ def _render_sdk(
                     raise Refused(_relative(path, root), "values", str(error), FIX_RENDER) from None
                 loaded = helm_python.values_from_yaml(text) if text.strip() else {}
                 values = merge_values(values, loaded or {})
-            chart.validate_schema(chart.merge_values(values))
             # helm-python-sdk's Chart.render() does not pass the Capabilities options its
             # library accepts (kube_version, api_versions), so the library is called as render()
             # calls it, with them added; tests/test_shapes_helm.py proves they take effect.
