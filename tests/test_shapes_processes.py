@@ -351,6 +351,11 @@ REFUSED = [
         f"{FILE}: {FIELD}.command/args: uvicorn --workers is 'auto', not a whole number",
     ),
     (
+        "--workers from the shell's $(nproc)",
+        {"command": ["sh", "-c", "exec uvicorn a:b --workers $(nproc)"]},
+        f"{FILE}: {FIELD}.command/args: uvicorn --workers is '$(nproc)', not a whole number",
+    ),
+    (
         "WEB_CONCURRENCY zero",
         {"env": env(WEB_CONCURRENCY="0")},
         f"{FILE}: {FIELD}.command/args: WEB_CONCURRENCY is '0', not a whole number of at least 1",
