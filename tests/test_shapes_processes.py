@@ -124,6 +124,24 @@ COUNTED = [
     ),
     ("sh -euc flags", {"command": ["sh", "-euc", "uvicorn a:b --workers 2"]}, 2),
     (
+        "multi-line script in args, with set -e and a migration",
+        {
+            "command": ["/bin/sh", "-c"],
+            "args": ["set -e\nalembic upgrade head\nexec gunicorn -w 4 app:app\n"],
+        },
+        4,
+    ),
+    (
+        "script with comments",
+        {"command": ["/bin/sh", "-c"], "args": ["# start\nuvicorn a:b --workers 3  # three\n"]},
+        3,
+    ),
+    (
+        "if/then in the script",
+        {"command": ["bash", "-c", "if [ -f x ]; then exec uvicorn a:b --workers 2; fi"]},
+        2,
+    ),
+    (
         "sh -c two servers in the background",
         {"command": ["sh", "-c", "uvicorn a:b --workers 2 & uvicorn c:d --workers 3"]},
         5,

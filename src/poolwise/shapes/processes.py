@@ -35,8 +35,8 @@ anything else                  refused: the budget cannot tell how many processe
 Before the program is found: Kubernetes' ``$(VAR)`` is expanded in command and args; a shell
 (``sh -c``, ``bash -c``, ...) is split as the shell would, ``$VAR``, ``${VAR}`` and
 ``${VAR:-default}`` taken from the environment, and of its commands (``;``, ``&&``, ``||``,
-``|``, ``&``, newlines) the server is the one that counts (``alembic upgrade head && exec
-uvicorn ...``); wrappers are looked through: ``exec``, ``env A=B``, ``tini --``,
+``|``, ``&``, newlines, ``if ...; then``) the server is the one that counts (``alembic
+upgrade head && exec uvicorn ...``); wrappers are looked through: ``exec``, ``env A=B``, ``tini --``,
 ``dumb-init``, ``opentelemetry-instrument``, ``ddtrace-run``, ``newrelic-admin run-program``,
 ``uv run``, ``poetry run``. A count from a Secret, from a ConfigMap not under ``deploy/``, or
 that is not a whole number of at least 1 is refused.
@@ -242,6 +242,8 @@ def _shell_expand(script: str, context: _Context) -> str:
     )
 
 
+# Shell words that start a command list rather than name a program ("if x; then exec ...").
+_SHELL_WORDS = {"if", "then", "else", "elif", "while", "until", "do", "{", "(", "!", "time"}
 _WRAPPERS = {
     "exec",
     "tini",
@@ -261,6 +263,8 @@ def _unwrap(command: list[str], context: _Context) -> tuple[str | None, list[str
         if _ASSIGNMENT.fullmatch(tokens[0]):
             name, value = tokens[0].split("=", 1)
             context.assigned[name] = value
+            tokens = tokens[1:]
+        elif tokens[0] in _SHELL_WORDS:
             tokens = tokens[1:]
         elif head in _WRAPPERS or head == "env":
             tokens = tokens[1:]
