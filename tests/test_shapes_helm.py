@@ -277,3 +277,15 @@ def test_every_chart_under_deploy_is_found(tmp_path):
         "a": {"b": 1, "c": 3},
         "d": {"e": 1},
     }
+
+
+def test_a_chart_a_kustomization_inflates_is_not_a_variant_of_its_own(tmp_path):
+    deploy = tmp_path / "deploy"
+    shutil.copytree(CHARTS / "orders", deploy / "k8s" / "charts" / "orders")
+    shutil.copytree(CHARTS / "orders", deploy / "api")
+    (deploy / "k8s" / "kustomization.yaml").write_text(
+        yaml.safe_dump({"helmCharts": [{"name": "orders", "releaseName": "orders"}]})
+    )
+    assert helm.find_charts(deploy) == [deploy / "api"]
+    (deploy / "k8s" / "kustomization.yaml").write_text(yaml.safe_dump({"resources": []}))
+    assert helm.find_charts(deploy) == [deploy / "api", deploy / "k8s" / "charts" / "orders"]

@@ -74,15 +74,31 @@ class Rendered:
 
 def find_charts(deploy: Path) -> list[Path]:
     """Every chart directory under ``deploy`` (a folder holding Chart.yaml), excluding the
-    subcharts vendored in another chart's ``charts/``, which their parent renders."""
+    subcharts vendored in another chart's ``charts/``, which their parent renders, and the
+    charts a kustomization's ``helmCharts`` inflates from its chartHome, which kustomize
+    renders as part of that kustomization."""
     charts = sorted(path.parent for path in deploy.rglob("Chart.yaml"))
+    homes = _kustomize_chart_homes(deploy)
     return [
         chart
         for chart in charts
-        if not any(
-            parent in charts and chart.is_relative_to(parent / "charts") for parent in charts
-        )
+        if not any(chart.is_relative_to(parent / "charts") for parent in charts)
+        and not any(chart.is_relative_to(home) for home in homes)
     ]
+
+
+def _kustomize_chart_homes(deploy: Path) -> list[Path]:
+    homes = []
+    for name in ("kustomization.yaml", "kustomization.yml", "Kustomization"):
+        for path in deploy.rglob(name):
+            try:
+                kustomization = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                continue  # the kustomize build reports it, with kustomize's reason
+            if isinstance(kustomization, dict) and kustomization.get("helmCharts"):
+                globals_ = kustomization.get("helmGlobals") or {}
+                homes.append(path.parent / str(globals_.get("chartHome") or "charts"))
+    return homes
 
 
 def _is_values_file(path: Path) -> bool:

@@ -36,10 +36,10 @@ Before the program is found: Kubernetes' ``$(VAR)`` is expanded in command and a
 (``sh -c``, ``bash -c``, ...) is split as the shell would, ``$VAR``, ``${VAR}`` and
 ``${VAR:-default}`` taken from the environment, and of its commands (``;``, ``&&``, ``||``,
 ``|``, ``&``, newlines, ``if ...; then``) the server is the one that counts (``alembic
-upgrade head && exec uvicorn ...``); wrappers are looked through: ``exec``, ``env A=B``, ``tini --``,
-``dumb-init``, ``opentelemetry-instrument``, ``ddtrace-run``, ``newrelic-admin run-program``,
-``uv run``, ``poetry run``. A count from a Secret, from a ConfigMap not under ``deploy/``, or
-that is not a whole number of at least 1 is refused.
+upgrade head && exec uvicorn ...``); wrappers are looked through: ``exec``, ``env A=B``,
+``tini --``, ``dumb-init``, ``opentelemetry-instrument``, ``ddtrace-run``, ``newrelic-admin
+run-program``, ``uv run``, ``poetry run``. A count from a Secret, from a ConfigMap not under
+``deploy/``, or that is not a whole number of at least 1 is refused.
 """
 
 from __future__ import annotations
