@@ -118,12 +118,17 @@ def text_lines(cluster: Cluster) -> list[str]:
         f" {'<=' if share.fits else '>'} {share.available} available: {verdict}"
     ]
     if not share.fits:
-        first = ", ".join(
-            f"{service.name} ({committed(service)}"
-            f"{'' if allocation(service) else ', no allocation'})"
-            for service in largest_commitments(cluster)
+        # Every share is named, largest first: together they overflow the cluster.
+        named = ", ".join(
+            f"{service.name} {committed(service)}"
+            f"{'' if allocation(service) else ' (no allocation: worst case)'}"
+            for service in sorted(cluster.services, key=lambda item: (-committed(item), item.name))
         )
-        lines.append(f"  over the cluster: {first}; lower these allocations or worst cases")
+        first = ", ".join(service.name for service in largest_commitments(cluster))
+        lines.append(
+            f"  over the cluster by {-share.headroom}: {named}; lower the platform file's"
+            f" db_allocations by {-share.headroom} (largest first: {first})"
+        )
     for service in over_allocation(cluster):
         lines.append(
             f"  over its allocation: {service.name} worst case {service.total}"
