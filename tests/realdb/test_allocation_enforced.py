@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from harness import ADMIN_APP_NAME, PostgresCluster
 from loadgen import request
@@ -164,8 +163,10 @@ def test_a_roles_connection_limit_stops_a_service_past_its_allocation(
             held = [held_requests(pod, path, PER_POD, timeout=60) for pod in pods]
             # PostgreSQL admits the role's 12 and refuses the rest at connect, at once.
             assert wait_until(
-                lambda: samples.append(role_connections(postgres, "orders_api"))
-                or samples[-1] == ALLOCATIONS["orders-api"],
+                lambda: (
+                    samples.append(role_connections(postgres, "orders_api"))
+                    or samples[-1] == ALLOCATIONS["orders-api"]
+                ),
                 30,
             ), samples
             refused_at = time.monotonic()
