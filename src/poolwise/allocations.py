@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # fleet imports this module; the cluster is only read here
 
 # A role or a service at this share of its allocation or more is reported by doctor as near it.
 NEAR = 0.9
+# How many of the shares that overflow a cluster its text names, largest first.
+NAMED = 10
 
 
 def allocation(service: Service) -> int:
@@ -118,12 +120,14 @@ def text_lines(cluster: Cluster) -> list[str]:
         f" {'<=' if share.fits else '>'} {share.available} available: {verdict}"
     ]
     if not share.fits:
-        # Every share is named, largest first: together they overflow the cluster.
+        # The shares that together overflow the cluster, largest first (the ten largest of a
+        # big fleet: --json lists every service's allocation).
+        ordered = sorted(cluster.services, key=lambda item: (-committed(item), item.name))
         named = ", ".join(
             f"{service.name} {committed(service)}"
             f"{'' if allocation(service) else ' (no allocation: worst case)'}"
-            for service in sorted(cluster.services, key=lambda item: (-committed(item), item.name))
-        )
+            for service in ordered[:NAMED]
+        ) + (f" and {len(ordered) - NAMED} smaller" if len(ordered) > NAMED else "")
         first = ", ".join(service.name for service in largest_commitments(cluster))
         lines.append(
             f"  over the cluster by {-share.headroom}: {named}; lower the platform file's"
