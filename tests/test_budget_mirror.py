@@ -15,8 +15,10 @@ import json
 import math
 import re
 import sys
+import tempfile
 import tomllib
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -27,6 +29,9 @@ from hypothesis import strategies as st
 from rendering import TEMPLATE_ROOT
 
 PACKAGE_DIR = TEMPLATE_ROOT / "template" / "src" / "{{package_name}}" / "db"
+# The rendered database_limits.toml, read by budget.py's own loader (allocation or
+# other_consumers, as a service reads it).
+LIMITS_FILE = Path(tempfile.mkdtemp(prefix="budget-mirror-")) / "database_limits.toml"
 
 
 @cache
@@ -105,10 +110,8 @@ def rendered_topology(context: dict[str, Any]):
     budget = budget_module()
     declared = tomllib.loads(render((PACKAGE_DIR / "topology.toml.jinja").read_text(), context))
     limits_text = render((PACKAGE_DIR / "database_limits.toml.jinja").read_text(), context)
-    limits = tomllib.loads(limits_text)["database"]
-    limits.pop("cluster", None)
-    limits.pop("role", None)
-    return budget.declared_topology(declared), budget.DatabaseLimits(**limits)
+    LIMITS_FILE.write_text(limits_text)
+    return budget.declared_topology(declared), budget.load_limits(LIMITS_FILE)
 
 
 def validator(macro: str, context: dict[str, Any]) -> str:
@@ -148,6 +151,8 @@ answer_sets = st.fixed_dictionaries(
         "db_max_connections": st.integers(1, 1000),
         "db_reserved_connections": st.integers(0, 40),
         "other_consumers": st.integers(0, 600),
+        # The service's share from the platform file; 0 (none, other_consumers counts) as often.
+        "db_allocation": st.one_of(st.just(0), st.integers(2, 600)),
     }
 )
 
@@ -258,6 +263,8 @@ def staged(context: dict[str, Any], stage: str, value: Any) -> tuple[str, int | 
 
 def usable(answers: dict[str, Any]) -> bool:
     """Limits that the questions before the topology accept (2 left for service + migration)."""
+    if answers["db_allocation"]:
+        return True  # the strategy's allocations are at least 2
     return (
         answers["db_max_connections"]
         - answers["db_reserved_connections"]
@@ -270,13 +277,22 @@ def tight(answers: dict[str, Any], slack: int, pool_slack: int) -> dict[str, Any
     """The same topology on a database it fits with `slack` connections to spare (-1: one
     short), and in session mode a server pool `pool_slack` above the app side: the edges where
     an off-by-one in a staged check would show."""
-    roomy = {**answers, "db_max_connections": 262143, "db_reserved_connections": 0}
-    roomy["other_consumers"] = 0
+    allocated = answers["db_allocation"] > 0
+    roomy = {
+        **answers,
+        # With an allocation the cluster's size matters only to RDS Proxy's share of it.
+        "db_max_connections": max(2, answers["db_max_connections"]) if allocated else 262143,
+        "db_reserved_connections": 0,
+        "other_consumers": 0,
+        "db_allocation": 0,
+    }
     topology, limits = rendered_topology(answer_context(roomy))
     if answers["pooler"] == "pgbouncer" and answers["pgbouncer_pool_mode"] == "session":
         roomy["pgbouncer_default_pool_size"] = max(1, topology.app_total + pool_slack)
         topology, limits = rendered_topology(answer_context(roomy))
     total = budget_module().database_check(topology, limits).total
+    if allocated:
+        return {**roomy, "db_allocation": max(2, total + slack)}
     return {**roomy, "db_max_connections": max(2, total + slack), "other_consumers": 0}
 
 

@@ -412,3 +412,38 @@ def test_an_unparsable_dsn_is_refused_without_repeating_it() -> None:
         doctor.read_server("postgresql://doctor:s3cret@[db/postgres", ["orders_api"])
     assert "s3cret" not in str(refused.value)
     assert str(refused.value).startswith("cannot connect to PostgreSQL: its DSN is neither")
+
+
+def with_allocation(member: services.Service, share: int) -> services.Service:
+    return dataclasses.replace(member, limits=member.limits._replace(allocation=share))
+
+
+def test_live_connections_near_or_over_an_allocation_are_reported_per_role_and_service() -> None:
+    # orders-api's share is 20, billing-api's 10, and both log in as app (capped at 30).
+    orders = with_allocation(service("orders-api", role="app"), 20)
+    billing = with_allocation(service("billing-api", role="app", pool=(2, 2)), 10)
+    state = server(
+        [backend("orders-api", "app")] * 19 + [backend("billing-api", "app")] * 11,
+        {"app": 30},
+    )
+    checks = {
+        (verdict.kind, verdict.subject): verdict
+        for verdict in doctor.examine(cluster(orders, billing), state)
+    }
+    role = checks[("role_allocation", "role app")]
+    # 30 of the role's 30 (20 + 10): near, not over; the database enforces the sum.
+    assert (role.finding, role.data["near"], role.data["connections"]) == (False, True, 30)
+    assert "30 connections now <= 30 allocated (billing-api 10 + orders-api 20)" in role.line
+    near = checks[("service_allocation", "orders-api")]
+    assert (near.finding, near.data["near"]) == (False, True)
+    assert near.line.endswith("95%: near its allocation")
+    over = checks[("service_allocation", "billing-api")]
+    assert over.finding and over.data["over"]
+    assert over.line.startswith("billing-api: 11 connections now > 10 allocated (db_allocation)")
+    limit = checks[("role_connection_limit", "app")]
+    assert not limit.finding and "CONNECTION LIMIT 30 = 30 allocated" in limit.line
+
+
+def test_services_without_an_allocation_get_no_allocation_verdicts() -> None:
+    verdicts = doctor.examine(cluster(service("orders-api")), server([], {"orders_api": 21}))
+    assert not [v for v in verdicts if v.kind in ("role_allocation", "service_allocation")]

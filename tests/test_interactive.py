@@ -107,6 +107,7 @@ def test_asyncpg_is_shown_disabled_with_its_reason_and_cannot_be_picked(tmp_path
         (ENTER, "max_connections of the cluster"),
         (ENTER, "Connections held back"),
         (ENTER, "Clients of the cluster"),
+        (ENTER, "Connections this service may hold"),
         (ENTER, "everything else on the cluster"),
         (ENTER, "Where the service runs"),
         (DOWN + ENTER, "Connection pooler"),
@@ -147,6 +148,7 @@ def test_a_budget_broken_by_earlier_answers_is_refused_and_corrected_at_the_prom
         (ENTER, "max_connections of the cluster"),
         (CLEAR_LINE + "200" + ENTER, "Connections held back"),
         (CLEAR_LINE + "0" + ENTER, "Clients of the cluster"),
+        (ENTER, "Connections this service may hold"),
         (ENTER, "everything else on the cluster"),
         (ENTER, "Where the service runs"),
         (ENTER, "Connection pooler"),
@@ -207,6 +209,7 @@ def test_a_number_typed_at_a_prompt_must_be_plain_decimal_digits(tmp_path: Path)
         "max_connections of the cluster",
         "Connections held back",
         "Clients of the cluster",
+        "Connections this service may hold",
         "everything else on the cluster",
         "Where the service runs",
         "Connection pooler",
@@ -256,6 +259,7 @@ def test_a_pooler_the_budget_cannot_fit_is_disabled_and_the_default_moves(
         "Python package name",
         "PostgreSQL cluster",
         "Clients of the cluster",
+        "Connections this service may hold",
         "everything else on the cluster",
         "Where the service runs",
         "Connection pooler",
@@ -271,6 +275,54 @@ def test_a_pooler_the_budget_cannot_fit_is_disabled_and_the_default_moves(
     tui.finish()
 
 
+def test_an_allocation_from_the_platform_is_the_budget_at_every_prompt(tmp_path: Path) -> None:
+    # The platform file's db_allocations, given as data: this service's share is 40.
+    project = tmp_path / "service"
+    tui = Terminal(
+        project, "--data", "db_allocations={poolwise-service: 40}", "--data", "max_surge=0"
+    )
+    tui.wait_for("Name of the service")
+    for then in [
+        "Python package name",
+        "PostgreSQL cluster",
+        "max_connections of the cluster",
+        "Connections held back",
+        "Clients of the cluster",
+        "Connections this service may hold",
+    ]:
+        tui.answer(ENTER, then)
+    # The share is offered as the answer; with it, other_consumers is not asked.
+    assert "   40" in tui.lines()
+    tui.answer(ENTER, "Where the service runs")
+    assert "everything else on the cluster" not in tui.text()
+    tui.answer(ENTER, "Connection pooler")
+    tui.answer(ENTER, "Most pods that can run at once")
+    assert (
+        "Budget: 39 connections left for this service (allocation 40 - 1 migration)."
+        " Fits: at most 38." in tui.flat()
+    )
+    tui.answer(CLEAR_LINE + "3" + ENTER, "Worker processes per pod")
+    tui.answer(ENTER, "Connections each process keeps open")
+    tui.answer(CLEAR_LINE + "5" + ENTER, "Extra connections a process may open")
+    assert "With pool_size 5, max_overflow fits: at most 4." in tui.flat()
+    # (3 + 0 surge + 1 terminating) x (5 + 5) + 1 = 41 > 40: refused at the question that can
+    # fix it, in one line, and asked again.
+    tui.answer(CLEAR_LINE + "5" + ENTER, "Validation error for question 'max_overflow'")
+    refusal = "Validation error for question 'max_overflow': app->db over by 1: at most 4 fits"
+    assert refusal in tui.lines()
+    tui.answer(CLEAR_LINE + "4" + ENTER, "Seconds a request waits")
+    tui.answer(ENTER, "Seconds after which")
+    tui.answer(ENTER, "Label key=value of the namespace Prometheus scrapes from")
+    tui.child.send(ENTER)
+
+    assert tui.finish() == 0
+    limits = tomllib.loads(
+        (project / "src" / "poolwise_service" / "db" / "database_limits.toml").read_text()
+    )["database"]
+    assert limits["allocation"] == 40 and "other_consumers" not in limits
+    assert declared(project)["pool"]["max_overflow"] == 4
+
+
 def test_max_surge_typed_as_a_percentage_is_counted_in_pods(tmp_path: Path) -> None:
     project = tmp_path / "service"
     answers = {"replicas_max": 4, "workers_per_pod": 1, "pool_size": 5, "max_overflow": 5}
@@ -281,6 +333,7 @@ def test_max_surge_typed_as_a_percentage_is_counted_in_pods(tmp_path: Path) -> N
         "db_max_connections": 100,
         "db_reserved_connections": 3,
         "db_external_consumers": "{}",
+        "db_allocation": 0,
         "other_consumers": 0,
         "target": "k8s-sync",
         "pooler": "none",

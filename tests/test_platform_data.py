@@ -23,15 +23,20 @@ def test_the_example_file_answers_the_database_questions(tmp_path: Path) -> None
         "db_max_connections",
         "db_reserved_connections",
         "db_external_consumers",
+        "db_allocations",
         "other_consumers",
     } <= set(platform)
 
+    # A service the file gives no share yet counts other_consumers.
     project = tmp_path / "orders"
     result = copier_copy(project, "--data-file", str(PLATFORM))
 
     assert result.returncode == 0, result.stderr[-2000:]
     answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
-    assert {key: answers[key] for key in platform} == platform
+    # Every answer is recorded but the shares of the other services, which it never carries.
+    recorded = {key: value for key, value in platform.items() if key != "db_allocations"}
+    assert {key: answers[key] for key in recorded} == recorded
+    assert "db_allocations" not in answers and answers["db_allocation"] == 0
     limits = (project / "src" / "poolwise_service" / "db" / "database_limits.toml").read_text()
     assert f"max_connections = {platform['db_max_connections']}\n" in limits
     assert f"other_consumers = {platform['other_consumers']}\n" in limits
@@ -84,3 +89,26 @@ def test_a_file_that_breaks_the_budget_is_refused_like_data(tmp_path: Path) -> N
     )
     assert "- other_consumers 370). Fix:" in last_line
     assert not (tmp_path / "from-file").exists()
+
+
+def test_a_service_the_file_gives_a_share_is_checked_against_it_alone(tmp_path: Path) -> None:
+    platform = yaml.safe_load(PLATFORM.read_text())
+    share = platform["db_allocations"]["orders-api"]
+    project = tmp_path / "orders-api"
+    result = copier_copy(
+        project, "--data-file", str(PLATFORM), answers={"project_name": "orders-api"}
+    )
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = yaml.safe_load((project / ".copier-answers.yml").read_text())
+    assert answers["db_allocation"] == share
+    assert "other_consumers" not in answers and "db_allocations" not in answers
+    limits = (project / "src" / "orders_api" / "db" / "database_limits.toml").read_text()
+    assert f"\nallocation = {share}\n" in limits and "other_consumers =" not in limits
+    assert not [
+        name for name in platform["db_allocations"] if name != "orders-api" and name in limits
+    ]
+    kubectl("the budget command's reading of deploy/k8s")
+    table = run_checked(python("-m", "orders_api.db.budget"), project / "src")
+    assert f"= 51 <= allocation {share} (db/database_limits.toml)" in table
+    assert f"of {share} allocated PostgreSQL connections" in result.stdout + result.stderr

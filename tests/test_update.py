@@ -962,3 +962,49 @@ def test_a_service_of_every_target_updates_from_each_release_with_the_teams_edit
     assert_the_target_edits_kept(project, target)
     output = run_checked(python("-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"), project)
     assert " passed" in output
+
+
+def test_a_0_2_0_service_keeps_other_consumers_or_moves_to_an_allocation(
+    template_releases: Path, tmp_path: Path
+) -> None:
+    answers = {"db_max_connections": 100, "db_reserved_connections": 3, "other_consumers": 40}
+    project = generate(template_releases, tmp_path / "orders", answers, release="v0.2.0")
+    limits = project / "src" / PACKAGE / "db" / "database_limits.toml"
+    recorded = project / ".copier-answers.yml"
+
+    # Without an allocation the service keeps counting other_consumers, as 0.2.0 did.
+    copier("update", cwd=project)
+    assert unmerged(project) == []
+    assert "\nother_consumers = 40\n" in limits.read_text()
+    assert "\nallocation =" not in limits.read_text()
+    assert yaml.safe_load(recorded.read_text())["other_consumers"] == 40
+    commit(project, f"poolwise: update to {THIS_RELEASE}")
+
+    # A team given its share moves to it: other_consumers is no longer asked nor written.
+    copier("update", answers={"db_allocation": 55}, cwd=project)
+    moved = yaml.safe_load(recorded.read_text())
+    assert (moved["db_allocation"], "other_consumers" in moved) == (55, False)
+    assert "\nallocation = 55\n" in limits.read_text()
+    assert "other_consumers =" not in limits.read_text()
+    budget_test = run_checked(
+        python("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_connection_budget.py"),
+        project,
+    )
+    assert " passed" in budget_test and "failed" not in budget_test
+    table = run_checked(python("-m", f"{PACKAGE}.db.budget"), project / "src")
+    assert "= 51 <= allocation 55 (db/database_limits.toml)" in table
+    commit(project, "poolwise: our allocation")
+
+    # The platform file's db_allocations owns the number: a new share there replaces the
+    # recorded one on the next update with the file.
+    platform = tmp_path / "platform.yml"
+    platform.write_text(
+        "db_max_connections: 100\ndb_reserved_connections: 3\n"
+        "db_allocations: {poolwise-service: 60, search-api: 30}\n"
+    )
+    copier("update", data_file=platform, cwd=project)
+    assert yaml.safe_load(recorded.read_text())["db_allocation"] == 60
+    assert "\nallocation = 60\n" in limits.read_text()
+    # No service carries another's numbers: the mapping itself is not recorded.
+    assert "search-api" not in recorded.read_text() + limits.read_text()
+    assert_project_checks_pass(project)

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__, fleet, services
+from . import __version__, allocations, fleet, services
 
 FITS, OVER, UNREADABLE = 0, 1, 2
 
@@ -46,13 +46,25 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help=(
             "print SQL that creates or caps (CONNECTION LIMIT) each role of one cluster at the"
-            " summed worst case of its services, and their PgBouncer caps"
+            " summed allocations of its services (their worst case where a service has none),"
+            " and their PgBouncer caps"
+        ),
+    )
+    output.add_argument(
+        "--suggest-allocations",
+        action="store_true",
+        help=(
+            "print a db_allocations: block for one cluster's platform file, from today's worst"
+            " cases, that fits the cluster"
         ),
     )
     fleet_parser.add_argument(
         "--cluster",
         metavar="NAME",
-        help="only this db_cluster (--sql needs it when the paths hold services of several)",
+        help=(
+            "only this db_cluster (--sql and --suggest-allocations need it when the paths hold"
+            " services of several)"
+        ),
     )
     fleet_parser.add_argument(
         "--svg", metavar="FILE", type=Path, help="also draw one stacked bar per cluster"
@@ -93,6 +105,7 @@ def _fleet(args: argparse.Namespace) -> int:
         result = fleet.choose(fleet.clusters(found, proposed), args.cluster)
         # Built before anything is printed: a name it refuses leaves no half-printed SQL.
         guardrail_sql = fleet.sql(result) if args.sql else ""
+        suggestion = allocations.suggestion_yaml(result) if args.suggest_allocations else ""
     except services.InputError as error:
         print(f"poolwise fleet: {error}", file=sys.stderr)
         return UNREADABLE
@@ -100,6 +113,10 @@ def _fleet(args: argparse.Namespace) -> int:
         print(json.dumps(fleet.as_json(result), indent=2))
     elif args.sql:
         print(guardrail_sql)
+    elif args.suggest_allocations:
+        # The suggestion fits by construction; the exit code still says whether today's
+        # allocations do.
+        print(suggestion)
     else:
         print(fleet.text(result))
     if args.svg:

@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from . import budget, fleet, guardrail, services
+from . import allocations, budget, fleet, guardrail, services
 
 APPLICATION_NAME = "poolwise-doctor"
 HEALTHY, FINDINGS, UNREACHABLE = 0, 1, 2
@@ -457,8 +457,56 @@ def _idle_in_transaction_verdict(
     )
 
 
+def _allocation_verdicts(cluster: fleet.Cluster, server: ServerState) -> list[Verdict]:
+    """Live connections against the allocations: per role (the sum of its services' shares, as
+    the guardrail caps it) and per service with one; near is allocations.NEAR of it or more.
+
+    Over is a finding; near is reported (data "near") without one: the service still fits.
+    """
+    by_name, pooled_roles = _owners(cluster)
+    verdicts = []
+
+    def verdict(kind: str, subject: str, live: int, share: int, whose: str) -> Verdict:
+        over, near = live > share, live >= allocations.NEAR * share
+        state = "OVER its allocation" if over else "near its allocation" if near else "within"
+        return Verdict(
+            kind,
+            subject,
+            over,
+            f"{subject}: {_count(live, 'connection')} now {'>' if over else '<='} {share}"
+            f" allocated ({whose}), {live / share:.0%}: {state}"
+            + (
+                "; find who opens them, or raise its allocation in the platform file"
+                if over
+                else ""
+            ),
+            {"connections": live, "allocated": share, "near": near and not over, "over": over},
+        )
+
+    for cap in guardrail.role_caps(cluster.services):
+        if any(allocations.allocation(service) for service in cap.services):
+            live = sum(1 for backend in server.backends if backend.role == cap.role)
+            verdicts.append(
+                verdict("role_allocation", f"role {cap.role}", live, cap.limit, cap.whose)
+            )
+    for service in cluster.services:
+        share = allocations.allocation(service)
+        if share:
+            live = sum(
+                1
+                for backend in server.backends
+                if by_name.get(backend.application_name) is service
+                or (backend.application_name == "" and pooled_roles.get(backend.role) is service)
+            )
+            verdicts.append(
+                verdict("service_allocation", service.name, live, share, "db_allocation")
+            )
+    return verdicts
+
+
 def _role_verdicts(cluster: fleet.Cluster, server: ServerState) -> list[Verdict]:
-    """Each role's rolconnlimit against the summed worst case of the services using it.
+    """Each role's rolconnlimit against the summed allocations of the services using it (the
+    worst case of a service without one).
 
     The fix is the one statement the live state needs: CREATE ROLE for a missing role (ALTER
     ROLE would fail on it), ALTER ROLE for one with another limit.
@@ -466,6 +514,12 @@ def _role_verdicts(cluster: fleet.Cluster, server: ServerState) -> list[Verdict]
     verdicts = []
     for cap in guardrail.role_caps(cluster.services):
         declared = cap.limit
+        # A role of services with allocations is capped at them; of others at their worst case.
+        what = (
+            "allocated"
+            if any(allocations.allocation(service) for service in cap.services)
+            else "declared worst case"
+        )
         limit = server.role_limits.get(cap.role)
         fix = (
             guardrail.create_role(cap.role, declared)
@@ -475,19 +529,19 @@ def _role_verdicts(cluster: fleet.Cluster, server: ServerState) -> list[Verdict]
         if limit is None:
             state = f"does not exist (declared for {cap.whose})"
         elif limit == -1:
-            state = f"has no CONNECTION LIMIT (-1), declared worst case {declared} ({cap.whose})"
+            state = f"has no CONNECTION LIMIT (-1), {what} {declared} ({cap.whose})"
         elif limit > declared:
             state = (
-                f"CONNECTION LIMIT {limit} > {declared} declared worst case ({cap.whose}): the"
+                f"CONNECTION LIMIT {limit} > {declared} {what} ({cap.whose}): the"
                 f" database lets it open {limit - declared} more than the fleet counts"
             )
         elif limit < declared:
             state = (
-                f"CONNECTION LIMIT {limit} < {declared} declared worst case ({cap.whose}): it is"
+                f"CONNECTION LIMIT {limit} < {declared} {what} ({cap.whose}): it is"
                 f" refused {_count(declared - limit, 'connection')} its budget allows"
             )
         else:
-            state = f"CONNECTION LIMIT {limit} = {declared} declared worst case ({cap.whose})"
+            state = f"CONNECTION LIMIT {limit} = {declared} {what} ({cap.whose})"
         finding = limit != declared
         line = f"role {cap.role}: {state}" + (
             f"; fix, as a superuser: {fix} (or {FLEET_SQL})" if finding else ""
@@ -687,6 +741,7 @@ def examine(
     verdicts += _connection_verdicts(cluster, server)
     verdicts.append(_idle_in_transaction_verdict(cluster, server, idle_in_transaction_seconds))
     verdicts += _role_verdicts(cluster, server)
+    verdicts += _allocation_verdicts(cluster, server)
     if bouncer is not None:
         verdicts += _pgbouncer_verdicts(cluster, bouncer)
     else:

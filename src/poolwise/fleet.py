@@ -8,6 +8,7 @@ database_limits.toml, or from a proposed limits file (the dry run of a limits ch
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from . import budget, guardrail
+from . import allocations, budget, guardrail
 from .services import InputError, Service
 
 
@@ -28,6 +29,9 @@ class Limits:
     reserved_connections: int
     external_consumers: dict[str, int]
     source: str
+    # A proposed platform file's db_allocations (service name to connections, 0 for none); the
+    # services it does not name keep the allocation of their own database_limits.toml.
+    allocations: dict[str, int] = field(default_factory=dict)
 
     @property
     def available(self) -> int:
@@ -55,7 +59,13 @@ class Cluster:
 
     @property
     def fits(self) -> bool:
-        return self.headroom >= 0
+        return self.headroom >= 0 and allocations.fits(self)
+
+    @property
+    def verdict(self) -> str:
+        if self.headroom < 0:
+            return f"OVER by {-self.headroom}"
+        return "fits" if self.fits else "OVER its allocations"
 
     def share(self, connections: int) -> float:
         return connections / self.limits.available if self.limits.available > 0 else float("inf")
@@ -119,12 +129,34 @@ def load_proposed(path: Path) -> dict[str, Limits]:
                     for key, value in (entry.get("db_external_consumers") or {}).items()
                 },
                 source=str(path),
+                allocations=_proposed_allocations(entry, path),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise InputError(
                 f"{path}: a cluster needs db_max_connections as a whole number ({error!r})"
             ) from None
     return proposed
+
+
+def _proposed_allocations(entry: dict[str, Any], path: Path) -> dict[str, int]:
+    shares = entry.get("db_allocations") or {}
+    if not isinstance(shares, dict):
+        raise InputError(f"{path}: db_allocations must map service names to connections")
+    for name, connections in shares.items():
+        if not isinstance(connections, int) or isinstance(connections, bool) or connections < 0:
+            raise InputError(
+                f"{path}: db_allocations[{name!r}]={connections!r} -> it must be a whole number of"
+                " connections (0 for none); fix it"
+            )
+    return {str(name): connections for name, connections in shares.items()}
+
+
+def _with_allocation(service: Service, shares: dict[str, int]) -> Service:
+    """The service with the proposed file's allocation for it, when the file names it."""
+    if service.name not in shares:
+        return service
+    limits = service.limits._replace(allocation=shares[service.name])
+    return dataclasses.replace(service, limits=limits)
 
 
 def clusters(services: list[Service], proposed: dict[str, Limits] | None = None) -> list[Cluster]:
@@ -137,6 +169,7 @@ def clusters(services: list[Service], proposed: dict[str, Limits] | None = None)
         limits, notes = _declared_limits(members)
         if proposed and name in proposed:
             limits, notes = proposed[name], []
+            members = [_with_allocation(service, limits.allocations) for service in members]
         cluster = Cluster(name, limits, members, notes)
         named = Counter(service.name for service in members)
         for service_name, count in sorted(named.items()):
@@ -146,8 +179,9 @@ def clusters(services: list[Service], proposed: dict[str, Limits] | None = None)
                     " application_name: poolwise doctor cannot tell their connections apart;"
                     " give each its own project_name"
                 )
-        for service in members:
-            others = cluster.total - service.total
+        committed = allocations.shares(cluster).committed
+        for service in allocations.without_allocation(cluster):
+            others = committed - service.total
             if service.limits.other_consumers < others:
                 cluster.notes.append(
                     f"{service.name} declares other_consumers {service.limits.other_consumers},"
@@ -163,10 +197,12 @@ def clusters(services: list[Service], proposed: dict[str, Limits] | None = None)
 
 def _hops(service: Service, cluster: Cluster) -> list[budget.Check]:
     reading = service.worst
+    # Each hop against the service's allocation, or (without one) the rest of the cluster.
     limits = budget.DatabaseLimits(
         cluster.limits.max_connections,
         cluster.limits.reserved_connections,
-        cluster.total - service.total,
+        allocations.shares(cluster).committed - service.total,
+        allocations.allocation(service),
     )
     return budget.checks(reading.topology, limits)
 
@@ -175,17 +211,20 @@ def text(result: list[Cluster]) -> str:
     lines = []
     for cluster in result:
         limits = cluster.limits
-        verdict = "fits" if cluster.fits else f"OVER by {-cluster.headroom}"
         lines.append(
             f"cluster {cluster.name}: {cluster.total} of {limits.available} available"
             f" ({limits.max_connections} max_connections - {limits.reserved_connections}"
-            f" reserved), headroom {cluster.headroom}: {verdict}  [limits: {limits.source}]"
+            f" reserved), headroom {cluster.headroom}: {cluster.verdict}"
+            f"  [limits: {limits.source}]"
         )
         width = max(len(service.name) for service in cluster.services)
+        shared = any(allocations.allocation(service) for service in cluster.services)
         for service in cluster.services:
+            # With allocations, each row shows the service's own: "of 60", or "of -" for none.
+            share = f" of {allocations.allocation(service) or '-':<4}" if shared else ""
             lines.append(
                 f"  {service.name:<{width}}  {service.target:<9}  {service.pooler:<9}"
-                f"  {service.total:>5}  {cluster.share(service.total):>4.0%}"
+                f"  {service.total:>5}{share}  {cluster.share(service.total):>4.0%}"
                 f"  {service.worst.variant} ({service.root})"
             )
             for check in _hops(service, cluster):
@@ -198,14 +237,15 @@ def text(result: list[Cluster]) -> str:
             )
         lines.append(
             f"  {'total':<{width}}  {'':<9}  {'':<9}  {cluster.total:>5}"
-            f"  {cluster.share(cluster.total):>4.0%}  {'<=' if cluster.fits else '>'}"
+            f"  {cluster.share(cluster.total):>4.0%}  {'<=' if cluster.headroom >= 0 else '>'}"
             f" {limits.available} available"
         )
-        if not cluster.fits:
+        if cluster.headroom < 0:
             first = ", ".join(
                 f"{service.name} ({service.total})" for service in cluster.shrink_first()
             )
             lines.append(f"  shrink first: {first}")
+        lines += allocations.text_lines(cluster)
         lines += [f"  note: {note}" for note in cluster.notes]
     return "\n".join(lines)
 
@@ -225,6 +265,7 @@ def as_json(result: list[Cluster]) -> dict[str, Any]:
                 "headroom": cluster.headroom,
                 "fits": cluster.fits,
                 "shrink_first": [service.name for service in cluster.shrink_first()],
+                **allocations.as_json(cluster),
                 "notes": cluster.notes,
                 "services": [
                     {
@@ -236,6 +277,7 @@ def as_json(result: list[Cluster]) -> dict[str, Any]:
                         "template_version": service.template_version,
                         "variant": service.worst.variant,
                         "total": service.total,
+                        "allocation": allocations.allocation(service) or None,
                         "share": round(cluster.share(service.total), 4),
                         "hops": [
                             {
@@ -299,10 +341,9 @@ def svg(result: list[Cluster]) -> str:
         used = cluster.total + limits.reserved_connections
         scale = width / max(limits.max_connections, used, 1)
         top = 18 + row * gap
-        verdict = "fits" if cluster.fits else f"OVER by {-cluster.headroom}"
         parts.append(
             f'<text x="{left}" y="{top - 4}">{html.escape(cluster.name)}: {cluster.total} of'
-            f" {limits.available} available, {verdict}</text>"
+            f" {limits.available} available, {cluster.verdict}</text>"
         )
         segments = [
             (service.name, service.total, SVG_COLORS[index % len(SVG_COLORS)])

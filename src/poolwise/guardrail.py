@@ -27,19 +27,28 @@ DOLLAR_TAG = "poolwise"
 
 @dataclass(frozen=True)
 class RoleCap:
-    """One role on one cluster and the services that log in as it: its limit is their sum."""
+    """One role on one cluster and the services that log in as it: its limit is their sum.
+
+    A service counts with its allocation (db/database_limits.toml), or with its worst case
+    when it has none.
+    """
 
     role: str
     services: tuple[Service, ...]
 
     @property
     def limit(self) -> int:
-        return sum(service.total for service in self.services)
+        return sum(share(service) for service in self.services)
 
     @property
     def whose(self) -> str:
         """`orders-api 51 + nightly-report 3`, for lines that explain the sum (not for SQL)."""
-        return " + ".join(f"{service.name} {service.total}" for service in self.services)
+        return " + ".join(f"{service.name} {share(service)}" for service in self.services)
+
+
+def share(service: Service) -> int:
+    """What the role may hold for this service: its allocation, else its worst case."""
+    return service.limits.allocation or service.total
 
 
 def role_caps(members: Iterable[Service]) -> list[RoleCap]:
@@ -138,20 +147,28 @@ def create_or_alter_role(role: str, limit: int) -> str:
     return f"DO {tag}{body}{tag};"
 
 
+def _term(service: Service) -> str:
+    """`orders-api 51 (app -> database)`, or `allocation 60 (worst case 51, ...)` with one."""
+    hop = budget.database_check(service.worst.topology, service.limits).hop
+    if service.limits.allocation:
+        return (
+            f"{comment(service.name)} allocation {service.limits.allocation}"
+            f" (worst case {service.total}, {hop})"
+        )
+    return f"{comment(service.name)} {service.total} ({hop})"
+
+
 def cluster_sql(name: str, members: list[Service]) -> str:
     """The guardrail of one cluster, to run on its primary as a superuser."""
     check_roles(members)
     lines = [
         f"-- poolwise fleet --sql: cluster {comment(name)}. Run it on that cluster's primary as a",
         "-- superuser: psql -v ON_ERROR_STOP=1. A missing role is created with LOGIN (give it a",
-        "-- password); every role is capped at the worst case of the services that log in as it.",
+        "-- password); every role is capped at the allocations of the services that log in as it",
+        "-- (a service without an allocation: its worst case), migrations included.",
     ]
     for cap in role_caps(members):
-        hops = " + ".join(
-            f"{comment(service.name)} {service.total}"
-            f" ({budget.database_check(service.worst.topology, service.limits).hop})"
-            for service in cap.services
-        )
+        hops = " + ".join(_term(service) for service in cap.services)
         total = f" = {cap.limit}, migrations" if len(cap.services) > 1 else ", migration"
         lines += [
             "",
@@ -161,8 +178,10 @@ def cluster_sql(name: str, members: list[Service]) -> str:
         for service in cap.services:
             if service.pooler == "pgbouncer":
                 pool = service.worst.topology.pgbouncer_server_pool
+                # The migration connects directly; PgBouncer may open the rest of the share.
+                user_cap = service.limits.allocation - 1 if service.limits.allocation else pool
                 lines.append(
                     f"-- {comment(service.name)} deploy/pgbouncer/pgbouncer.ini [pgbouncer]:"
-                    f" max_db_connections = {pool}, max_user_connections = {pool}"
+                    f" max_db_connections = {pool}, max_user_connections = {user_cap}"
                 )
     return "\n".join(lines)

@@ -126,17 +126,27 @@ def workers_in_command(argv: list[str], env: dict[str, str] | None = None) -> in
 # every cold start, where defining four frozen dataclasses cost 14 M instructions, the largest
 # share of the generated handler's import (bench/RESULTS.md, cold start).
 class DatabaseLimits(NamedTuple):
-    """What PostgreSQL can give this service; owned by the platform team."""
+    """What PostgreSQL can give this service; owned by the platform team.
+
+    allocation is the service's share of the cluster, from the platform file (0: none). A
+    service with one is checked against it alone; one without (generated before allocations)
+    against what the cluster has left after other_consumers.
+    """
 
     max_connections: int
     reserved_connections: int
     other_consumers: int
+    allocation: int = 0
 
     @property
     def available(self) -> int:
+        if self.allocation:
+            return self.allocation
         return self.max_connections - self.reserved_connections - self.other_consumers
 
     def describe(self) -> str:
+        if self.allocation:
+            return f"allocation {self.allocation} (db/database_limits.toml)"
         return (
             f"{self.available} available (db_max_connections {self.max_connections}"
             f" - db_reserved_connections {self.reserved_connections}"
@@ -424,10 +434,13 @@ def _data_file(name: str, path: Path | None) -> dict[str, Any]:
 def load_limits(path: Path | None = None) -> DatabaseLimits:
     """Read the platform team's database limits (database_limits.toml beside this module)."""
     data = _data_file("database_limits.toml", path)["database"]
+    # A file with an allocation needs no other_consumers; one without (0.1.0, 0.2.0) needs it.
+    allocation = data.get("allocation", 0)
     return DatabaseLimits(
         max_connections=data["max_connections"],
         reserved_connections=data["reserved_connections"],
-        other_consumers=data["other_consumers"],
+        other_consumers=data.get("other_consumers", 0) if allocation else data["other_consumers"],
+        allocation=allocation,
     )
 
 

@@ -959,10 +959,16 @@ def _limits_inputs(project: Project, inputs: list[Input]) -> budget.DatabaseLimi
     answers = project.root / ANSWERS_FILE
     generated = _yaml().safe_load(answers.read_text()) if answers.exists() else None
     generated = generated if isinstance(generated, dict) else {}
+    # With an allocation the budget is the allocation alone; without, other_consumers is used.
+    share = (
+        ("db_allocation", "allocation", limits.allocation)
+        if limits.allocation
+        else ("other_consumers", "other_consumers", limits.other_consumers)
+    )
     for name, field_name, value in (
         ("db_max_connections", "max_connections", limits.max_connections),
         ("db_reserved_connections", "reserved_connections", limits.reserved_connections),
-        ("other_consumers", "other_consumers", limits.other_consumers),
+        share,
     ):
         source = f"{project.limits_file}: database.{field_name}"
         inputs.append(Input(name, value, source, generated.get(name)))
