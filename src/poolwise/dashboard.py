@@ -27,7 +27,11 @@ from grafana_foundation_sdk.builders import dashboard as builders
 from grafana_foundation_sdk.builders import prometheus, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
-from grafana_foundation_sdk.models.dashboard import DashboardCursorSync, DataSourceRef, VariableOption
+from grafana_foundation_sdk.models.dashboard import (
+    DashboardCursorSync,
+    DataSourceRef,
+    VariableOption,
+)
 
 if TYPE_CHECKING:
     from .fleet import Cluster
@@ -36,7 +40,9 @@ POOL_LABEL = "db_client_connection_pool_name"
 STATE_LABEL = "db_client_connection_state"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 TEMPLATE = (
-    Path(__file__).resolve().parents[2] / "template" / "{% if is_k8s %}monitoring{% endif %}"
+    Path(__file__).resolve().parents[2]
+    / "template"
+    / "{% if is_k8s %}monitoring{% endif %}"
     / "pool-dashboard.json.jinja"
 )
 # Where the rendered values go in the template: each placeholder becomes a Jinja expression of
@@ -254,7 +260,9 @@ def fleet_dashboard(clusters: list[Cluster]) -> dict[str, Any]:
             (f"vector({available})", f"available on {cluster.name} ({available})"),
             (f"vector({cluster.total})", f"declared worst case, all consumers ({cluster.total})"),
         ]
-        external = ", ".join(f"{name} {count}" for name, count in cluster.limits.external_consumers.items())
+        external = ", ".join(
+            f"{name} {count}" for name, count in cluster.limits.external_consumers.items()
+        )
         panels = [
             _panel(
                 f"{cluster.name}: live connections per service",
@@ -276,21 +284,29 @@ def fleet_dashboard(clusters: list[Cluster]) -> dict[str, Any]:
                     f" connections ({percent}), migration included.",
                     "short",
                     [
-                        (f'sum(db_client_connection_count{{{POOL_LABEL}="{service.name}"}})', "live"),
-                        (f'sum(db_client_connection_max{{{POOL_LABEL}="{service.name}"}})', "pool max"),
+                        (
+                            f'sum(db_client_connection_count{{{POOL_LABEL}="{service.name}"}})',
+                            "live",
+                        ),
+                        (
+                            f'sum(db_client_connection_max{{{POOL_LABEL}="{service.name}"}})',
+                            "pool max",
+                        ),
                         (f"vector({share})", f"declared share ({share})"),
                     ],
                 )
             )
         rows.append((f"Cluster {cluster.name}", panels))
-    board, rows = _dashboard("poolwise fleet: connections per cluster", "poolwise-fleet", ["poolwise", "fleet"], rows)
+    board, rows = _dashboard(
+        "poolwise fleet: connections per cluster", "poolwise-fleet", ["poolwise", "fleet"], rows
+    )
     return _encode(board, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m poolwise.dashboard",
-        description="Write the service dashboard template (template/.../pool-dashboard.json.jinja).",
+        description="Write the service dashboard template (monitoring/pool-dashboard.json.jinja).",
     )
     parser.add_argument("--check", action="store_true", help="exit 1 if the template is stale")
     args = parser.parse_args(argv)
