@@ -252,7 +252,9 @@ def fleet_dashboard(clusters: list[Cluster]) -> dict[str, Any]:
     """Per cluster: each service's live connections against the cluster and its share."""
     rows = []
     for cluster in clusters:
+        # A regular expression in a PromQL string: its backslashes are escaped once more.
         names = "|".join(re.escape(service.name) for service in cluster.services)
+        names = names.replace("\\", "\\\\")
         of = f'{POOL_LABEL}=~"{names}"'
         available = cluster.limits.available
         total = [
