@@ -18,8 +18,9 @@ import matplotlib.pyplot as plt
 UNITS = {"s": "seconds", "reqps": "per second", "short": ""}
 
 
-def draw(title: str, panels: list[dict[str, Any]], path: Path, start: float) -> None:
-    """panels: [{title, unit, series: [{label, values: [(unix time, value)]}]}]."""
+def draw(title: str, panels: list[dict[str, Any]], path: Path, start: float, end: float) -> None:
+    """panels: [{title, unit, series: [{label, values: [(unix time, value)]}]}], drawn from
+    `start` to `end` (unix times)."""
     columns = 2
     rows = (len(panels) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(14, 3.2 * rows), squeeze=False)
@@ -32,10 +33,13 @@ def draw(title: str, panels: list[dict[str, Any]], path: Path, start: float) -> 
         axis.set_title(panel["title"], fontsize=10)
         axis.set_ylabel(UNITS.get(panel["unit"], panel["unit"]), fontsize=8)
         axis.set_xlabel("seconds into the run", fontsize=8)
+        axis.set_xlim(0, end - start)
         axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
         if panel["series"]:
             axis.legend(fontsize=7, loc="upper left")
+        else:
+            axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes)
     for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
     figure.suptitle(title)

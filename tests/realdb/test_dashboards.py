@@ -296,11 +296,13 @@ def test_dashboard_queries_match_pg_stat_activity_and_alerts_fire_only_when_satu
                         {"label": legend(item["metric"], shown), "values": item["values"]}
                     )
             drawn.append({"title": panel["title"], "unit": panel["unit"], "series": series})
-        (tmp_path / "panels.json").write_text(json.dumps(drawn))
+        (tmp_path / "panels.json").write_text(
+            json.dumps({"start": started, "end": ended, "panels": drawn})
+        )
         title = f"{names['sync']} (k8s-sync, 2 workers): a normal run, then saturation"
         targets = [tmp_path / "pool-dashboard.png"]
         if os.environ.get("POOLWISE_DASHBOARD_PNG"):
             targets.append(Path(os.environ["POOLWISE_DASHBOARD_PNG"]))
         for path in targets:
-            dashboard_png.draw(title, drawn, path, started)
+            dashboard_png.draw(title, drawn, path, started, ended)
         assert (tmp_path / "pool-dashboard.png").stat().st_size > 0
