@@ -238,7 +238,7 @@ def test_dashboard_queries_match_pg_stat_activity_and_alerts_fire_only_when_satu
 
             def agree(key: str) -> bool:
                 states = {
-                    item["metric"]["db_client_connection_state"]: item["value"]
+                    item["metric"].get("db_client_connection_state", "?"): item["value"]
                     for item in server.query(
                         query_of(boards[key], "Connections by state, all pods")
                     )
