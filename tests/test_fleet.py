@@ -457,3 +457,43 @@ def test_pip_installs_the_poolwise_command(tmp_path: Path) -> None:
     )
     assert version.returncode == 0, version.stderr
     assert version.stdout.strip() == "poolwise 0.2.0"
+
+
+def test_the_dashboard_shows_each_cluster_and_each_service_against_its_share(
+    repos: Path, tmp_path: Path
+) -> None:
+    """`--dashboard FILE`: a Grafana dashboard, one row per cluster, with the cluster's available
+    connections and each service's live connections against its declared share."""
+    board = tmp_path / "fleet-dashboard.json"
+    report = poolwise("fleet", "--json", "--dashboard", board, repos)
+    assert report.returncode == 0, report.stderr
+    declared = json.loads(report.stdout)
+    dashboard = json.loads(board.read_text())
+    assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource"]
+    rows = [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"]
+    assert rows == [f"Cluster {cluster['name']}" for cluster in declared["clusters"]]
+    panels = {panel["title"]: panel for panel in dashboard["panels"] if panel["type"] != "row"}
+    for cluster in declared["clusters"]:
+        overview = panels[f"{cluster['name']}: live connections per service"]
+        exprs = [target["expr"] for target in overview["targets"]]
+        assert f"vector({cluster['available']})" in exprs
+        assert f"vector({cluster['total']})" in exprs
+        # The live series of every service: the selector's regex (a PromQL string) matches each.
+        [quoted] = re.findall(r'=~"((?:[^"\\]|\\.)*)"', exprs[0])
+        selected = re.compile(quoted.replace("\\\\", "\\"))
+        for service in cluster["services"]:
+            assert selected.fullmatch(service["name"]), (quoted, service["name"])
+            [panel] = [p for t, p in panels.items() if t.startswith(f"{service['name']} (")]
+            exprs = [target["expr"] for target in panel["targets"]]
+            assert f"vector({service['total']})" in exprs
+            assert f'db_client_connection_pool_name="{service["name"]}"' in exprs[0]
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+
+
+def test_an_unwritable_dashboard_file_is_one_line_and_exit_2(repos: Path, tmp_path: Path) -> None:
+    result = poolwise("fleet", "--dashboard", tmp_path / "missing" / "fleet.json", repos)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"poolwise fleet: --dashboard {tmp_path / 'missing' / 'fleet.json'}: No such file or"
+        " directory"
+    ]

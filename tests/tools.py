@@ -42,3 +42,15 @@ def require(name: str, needed_for: str, install: str) -> str:
 
 def kubectl(needed_for: str) -> str:
     return require("kubectl", needed_for, "install it: https://kubernetes.io/docs/tasks/tools/")
+
+
+def promtool(needed_for: str) -> str:
+    return require(
+        "promtool", needed_for, "install Debian's prometheus package (apt-get install prometheus)"
+    )
+
+
+def prometheus(needed_for: str) -> str:
+    return require(
+        "prometheus", needed_for, "install Debian's prometheus package (apt-get install prometheus)"
+    )

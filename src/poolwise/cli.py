@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     fleet_parser.add_argument(
         "--svg", metavar="FILE", type=Path, help="also draw one stacked bar per cluster"
     )
+    fleet_parser.add_argument(
+        "--dashboard",
+        metavar="FILE",
+        type=Path,
+        help="also write a Grafana dashboard: each cluster's live connections per service",
+    )
 
     doctor_parser = commands.add_parser(
         "doctor",
@@ -121,6 +127,16 @@ def _fleet(args: argparse.Namespace) -> int:
         print(fleet.text(result))
     if args.svg:
         args.svg.write_text(fleet.svg(result))
+    if args.dashboard:
+        from . import dashboard
+
+        try:
+            args.dashboard.write_text(json.dumps(dashboard.fleet_dashboard(result), indent=2))
+        except OSError as error:
+            print(
+                f"poolwise fleet: --dashboard {args.dashboard}: {error.strerror}", file=sys.stderr
+            )
+            return UNREADABLE
     return FITS if all(cluster.fits for cluster in result) else OVER
 
 

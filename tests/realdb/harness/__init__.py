@@ -5,7 +5,8 @@ free ports picked at runtime, no Unix-domain sockets, and everything removed on 
 One module per concern: ``processes`` finds the binaries and runs them (as the service user
 when we are root), ``postgres`` is a cluster, ``pgbouncer`` a pooler in front of one (its
 docstring has what was learnt about PgBouncer 1.18), ``sampling`` watches pg_stat_activity,
-``secretsmanager`` serves the Lambda target's database secret (moto's server).
+``secretsmanager`` serves the Lambda target's database secret (moto's server), ``prometheus``
+scrapes running services and evaluates their alert rules (imported as ``harness.prometheus``).
 """
 
 # One port picker for every server the tests start (tests/ports.py), below the ephemeral range.
