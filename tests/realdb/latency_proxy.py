@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import signal
 import socket
 import struct
 import sys
 import threading
 import time
+from pathlib import Path
 
 CHUNK = 65536
 
@@ -182,11 +184,22 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay-ms", type=float, required=True, help="added each way")
     parser.add_argument("--seconds", type=float, default=600, help="exit after this long")
+    parser.add_argument("--report", help="write the delay it added to this file on exit")
     args = parser.parse_args()
-    with LatencyProxy(args.upstream_port, args.delay_ms / 1000, args.port):
+    # SIGTERM from the caller ends it like the time limit: the report is still written.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    proxy = LatencyProxy(args.upstream_port, args.delay_ms / 1000, args.port).start()
+    try:
         print("listening", flush=True)
-        # Ends on SIGTERM from the caller, or after --seconds: never left running.
-        time.sleep(args.seconds)
+        time.sleep(args.seconds)  # never left running
+    finally:
+        proxy.close()
+        if args.report:
+            median, p99 = proxy.added_delay()
+            Path(args.report).write_text(
+                f"measured per chunk: median {median * 1000:.3f} ms, p99 {p99 * 1000:.3f} ms"
+                f" over {len(proxy.lateness):,} chunks\n"
+            )
     return 0
 
 
