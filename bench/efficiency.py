@@ -294,16 +294,15 @@ def main() -> int:
     section = report(args, pairs, lives, clients, time.monotonic() - started, load_average)
     print(section)
     if args.write:
-        begin, end = markers(args.ms)
+        begin, end = markers(args.ms, args.targets)
         bench.replace_section(section, begin, end)
     return 0
 
 
-def markers(ms: int) -> tuple[str, str]:
-    return (
-        f"<!-- efficiency-{ms}ms:begin (written by bench/efficiency.py) -->",
-        f"<!-- efficiency-{ms}ms:end -->",
-    )
+def markers(ms: int, targets: str) -> tuple[str, str]:
+    """One RESULTS.md section per query length and targets, so runs of each stay side by side."""
+    name = f"efficiency-{ms}ms-{targets.replace(',', '-')}"
+    return f"<!-- {name}:begin (written by bench/efficiency.py) -->", f"<!-- {name}:end -->"
 
 
 def report(
@@ -315,12 +314,12 @@ def report(
     load_average: list[str],
 ) -> str:
     info = bench.machine()
-    begin, end = markers(args.ms)
+    begin, end = markers(args.ms, args.targets)
     limit = f"; physical limit {CONNECTIONS / (args.ms / 1000):.0f} req/s" if args.ms else ""
     lines = [
         begin,
-        f"## Requests per second at equal connections, `pg_sleep({args.ms / 1000:g})`"
-        " (bench/efficiency.py)",
+        f"## Requests per second at equal connections, `pg_sleep({args.ms / 1000:g})`,"
+        f" {args.targets.replace(',', ' and ')} (bench/efficiency.py)",
         "",
         f"`.venv/bin/python bench/efficiency.py --ms {args.ms} --clients {args.clients}"
         f" --targets {args.targets} --rounds {args.rounds} --seconds {args.seconds:g} --write`,"
