@@ -19,6 +19,11 @@ Compared, per target:
                                what the skip alone is worth
   hand-written                 bench/apps.py's careful hand-written app, pool_pre_ping=True
 
+Under load the services' CPU share decides req/s as much as the network does, so the script
+also counts what no other load on the machine changes: the messages each service sends to
+PostgreSQL per request (one client, one request at a time, through an in-process proxy that
+counts them): each is a round trip the request waits for, 2 x --delay-ms on this network.
+
 The proxy's own delay is measured as it runs (how late each chunk left after its due time) and
 reported with the results.
 """
@@ -41,8 +46,10 @@ sys.path.insert(0, str(BENCH))
 import efficiency  # noqa: E402  (the runner: one service process per round)
 import load as bench  # noqa: E402
 from harness import PostgresCluster, missing_requirements  # noqa: E402
+from latency_proxy import LatencyProxy  # noqa: E402
+from loadgen import load  # noqa: E402
 from ports import free_port  # noqa: E402
-from services import render  # noqa: E402
+from services import ServiceProcess, render  # noqa: E402
 
 BEGIN = "<!-- latency:begin (written by bench/latency.py) -->"
 END = "<!-- latency:end -->"
@@ -112,22 +119,58 @@ def main() -> int:
             lives = efficiency.alternate(
                 groups, cluster, dsn, [args.clients], args.ms, args.seconds, args.rounds, workdir
             )
+            trips = {
+                variant.label: round_trips(variant, cluster, args.ms, workdir)
+                for group in groups
+                for variant in group
+            }
         finally:
             proxy.send_signal(signal.SIGTERM)
             proxy.wait(timeout=30)
     delay = (workdir / "proxy.txt").read_text().strip()
     load_average = Path("/proc/loadavg").read_text().split()[:3]
-    section = report(args, groups, lives, delay, time.monotonic() - started, load_average)
+    section = report(args, groups, lives, trips, delay, time.monotonic() - started, load_average)
     print(section)
     if args.write:
         bench.replace_section(section, BEGIN, END)
     return 0
 
 
+def round_trips(
+    variant: efficiency.Variant, cluster: PostgresCluster, ms: int, workdir: Path
+) -> tuple[float, float]:
+    """(messages to PostgreSQL per request, median latency in ms) for one request at a time."""
+    with LatencyProxy(cluster.port, 0.0, free_port()) as proxy:
+        dsn = cluster.dsn(driver="").replace(f":{cluster.port}/", f":{proxy.port}/")
+        service = ServiceProcess(
+            variant.project,
+            dsn,
+            f"trips-{variant.label.replace(' ', '-').replace(',', '')}",
+            workdir,
+            argv=[str(BENCH / "serve.py"), variant.kind],
+            BENCH_PACKAGE=variant.project.package,
+            PYTHONPATH=f"{BENCH}:{variant.project.root / 'src'}",
+            POOL_SIZE=efficiency.POOL["pool_size"],
+            POOL_MAX_OVERFLOW=efficiency.POOL["max_overflow"],
+            **variant.env,
+        )
+        with service:
+            service.wait_ready()
+            load(service.port, bench.work(ms), clients=1, duration=5, max_requests=20)
+            before = proxy.sent_to_server
+            result = load(service.port, bench.work(ms), clients=1, duration=20, max_requests=200)
+            sent = proxy.sent_to_server - before
+    done = len(result.records)
+    assert done and not result.failed(), result.summary()
+    latencies = sorted(record.latency for record in result.records)
+    return sent / done, latencies[done // 2] * 1000
+
+
 def report(
     args: argparse.Namespace,
     groups: list[tuple[efficiency.Variant, ...]],
     lives: list[efficiency.Life],
+    trips: dict[str, tuple[float, float]],
     delay: str,
     elapsed: float,
     load_average: list[str],
@@ -161,7 +204,21 @@ def report(
             continue
         seen.add(row)
         lines.append(row)
-    lines += ["", efficiency.sessions_line(lives), END]
+    lines += [
+        "",
+        efficiency.sessions_line(lives),
+        "",
+        "Messages to PostgreSQL per request, one request at a time (each a round trip the"
+        f" request waits on; at {args.delay_ms:g} ms each way, {2 * args.delay_ms:g} ms each):",
+        "",
+        "| service | messages per request | their network time | median latency, 1 client |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {label} | {sent:.2f} | {sent * 2 * args.delay_ms:.2f} ms | {latency:.1f} ms |"
+        for label, (sent, latency) in trips.items()
+    ]
+    lines.append(END)
     return "\n".join(lines)
 
 

@@ -33,10 +33,13 @@ CHUNK = 65536
 class _Pipe:
     """One direction of one connection: recv from `source`, send to `target` `delay` later."""
 
-    def __init__(self, proxy: LatencyProxy, source: socket.socket, target: socket.socket) -> None:
+    def __init__(
+        self, proxy: LatencyProxy, source: socket.socket, target: socket.socket, to_server: bool
+    ) -> None:
         self.proxy = proxy
         self.source = source
         self.target = target
+        self.to_server = to_server
         self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self.ready = threading.Condition()
         self.ended = False
@@ -75,6 +78,8 @@ class _Pipe:
             if wait > 0:
                 time.sleep(wait)
             self.proxy.lateness.append(time.perf_counter() - due)
+            if self.to_server:
+                self.proxy.sent_to_server += 1
             try:
                 self.target.sendall(data)
             except OSError:
@@ -93,6 +98,9 @@ class LatencyProxy:
         self.port = port
         # How late each chunk went out after its due time (seconds); the last 100,000.
         self.lateness: collections.deque[float] = collections.deque(maxlen=100_000)
+        # Chunks passed on to the server: with one request at a time on a connection, each is a
+        # message the client then waits on, so this counts round trips.
+        self.sent_to_server = 0
         self._pairs: list[tuple[socket.socket, socket.socket]] = []  # connections carried now
         self._sockets: list[socket.socket] = []  # every socket opened, closed by close()
         self._silenced: set[socket.socket] = set()
@@ -140,8 +148,8 @@ class LatencyProxy:
                     return
                 self._sockets += [client, upstream]
                 self._pairs.append((client, upstream))
-            _Pipe(self, client, upstream)
-            _Pipe(self, upstream, client)
+            _Pipe(self, client, upstream, to_server=True)
+            _Pipe(self, upstream, client, to_server=False)
 
     def silenced(self, end: socket.socket) -> bool:
         with self._lock:
