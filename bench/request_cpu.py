@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import statistics
 import subprocess
 import sys
@@ -40,47 +39,6 @@ CONCURRENCY = 10
 WARM_UP_PER_TASK = 100
 
 
-SCOPE = {
-    "type": "http",
-    "asgi": {"version": "3.0"},
-    "http_version": "1.1",
-    "method": "GET",
-    "scheme": "http",
-    "path": "/work",
-    "raw_path": b"/work",
-    "query_string": b"ms=0",
-    "root_path": "",
-    "headers": [(b"host", b"bench")],
-    "client": ("127.0.0.1", 1),
-    "server": ("127.0.0.1", 2),
-}
-
-
-async def receive() -> dict:
-    return {"type": "http.request", "body": b"", "more_body": False}
-
-
-async def serve(app: object, requests: int) -> None:
-    """`requests` calls of GET /work?ms=0, from CONCURRENCY tasks."""
-
-    async def call() -> None:
-        statuses: list[int] = []
-
-        async def send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                statuses.append(message["status"])
-
-        await app({**SCOPE, "state": {}}, receive, send)
-        if statuses != [200]:
-            raise RuntimeError(f"GET /work answered {statuses}")
-
-    async def task(count: int) -> None:
-        for _ in range(count):
-            await call()
-
-    await asyncio.gather(*(task(requests // CONCURRENCY) for _ in range(CONCURRENCY)))
-
-
 def probe(kind: str, requests: int) -> float:
     """In the sample process: CPU seconds per request of apps.<kind>_app(), called as ASGI."""
     import logging
@@ -89,48 +47,48 @@ def probe(kind: str, requests: int) -> float:
 
     logging.disable(logging.INFO)  # the apps' start-up lines; no access log without a server
     app = getattr(apps, f"{kind}_app")()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/work",
+        "raw_path": b"/work",
+        "query_string": b"ms=0",
+        "root_path": "",
+        "headers": [(b"host", b"bench")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def call() -> None:
+        statuses: list[int] = []
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await app({**scope, "state": {}}, receive, send)
+        if statuses != [200]:
+            raise RuntimeError(f"GET /work answered {statuses}")
 
     async def run() -> float:
         async with app.router.lifespan_context(app):
-            await serve(app, WARM_UP_PER_TASK * CONCURRENCY)
+
+            async def task(count: int) -> None:
+                for _ in range(count):
+                    await call()
+
+            await asyncio.gather(*(task(WARM_UP_PER_TASK) for _ in range(CONCURRENCY)))
             started = time.process_time()
-            await serve(app, requests)
+            await asyncio.gather(*(task(requests // CONCURRENCY) for _ in range(CONCURRENCY)))
             return (time.process_time() - started) / requests
 
     return asyncio.run(run())
-
-
-def interleaved(kinds: list[str], bursts: int, requests: int) -> dict[str, list[float]]:
-    """In one process: every app in turn, `bursts` times; CPU seconds per request of each burst.
-
-    A burst of a few hundred requests takes a fraction of a second, so the apps compared share
-    whatever else the machine runs at that moment: on a loaded machine their ratio, burst by
-    burst, is far steadier than that of separate processes minutes apart.
-    """
-    import contextlib
-    import logging
-
-    import apps
-
-    logging.disable(logging.INFO)
-    built = {kind: getattr(apps, f"{kind}_app")() for kind in kinds}
-    samples: dict[str, list[float]] = {kind: [] for kind in kinds}
-
-    async def run() -> None:
-        async with contextlib.AsyncExitStack() as stack:
-            for app in built.values():
-                await stack.enter_async_context(app.router.lifespan_context(app))
-            for app in built.values():
-                await serve(app, WARM_UP_PER_TASK * CONCURRENCY)
-            for burst in range(bursts):
-                shift = burst % len(kinds)
-                for kind in kinds[shift:] + kinds[:shift]:
-                    started = time.process_time()
-                    await serve(built[kind], requests)
-                    samples[kind].append((time.process_time() - started) / requests)
-
-    asyncio.run(run())
-    return samples
 
 
 def main() -> int:
@@ -139,22 +97,10 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3000, help="measured per sample")
     parser.add_argument("--compare-ref", help="also measure the template at this git ref")
     parser.add_argument("--write", action="store_true", help="rewrite the RESULTS.md section")
-    parser.add_argument(
-        "--interleaved",
-        type=int,
-        metavar="BURSTS",
-        help="instead: each target's generated and hand-written apps in one process, BURSTS"
-        " alternating bursts of --requests each",
-    )
     parser.add_argument("--probe", nargs=2, metavar=("KIND", "REQUESTS"), help=argparse.SUPPRESS)
-    parser.add_argument("--probe-interleaved", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         print(probe(args.probe[0], int(args.probe[1])))
-        return 0
-    if args.probe_interleaved:
-        kinds, bursts, requests = args.probe_interleaved
-        print(json.dumps(interleaved(kinds.split(","), int(bursts), int(requests))))
         return 0
 
     import load as bench  # bench/load.py: machine description, realdb imports
@@ -182,12 +128,6 @@ def main() -> int:
     started = time.monotonic()
     with PostgresCluster(max_connections=100) as cluster:
         variants[0][3].create_schema(cluster.dsn())
-        if args.interleaved:
-            section = interleaved_runs(args, variants, cluster, started, bench.machine())
-            print(section)
-            if args.write:
-                bench.replace_section(section, INTERLEAVED_BEGIN, INTERLEAVED_END)
-            return 0
         for round_ in range(args.rounds):
             shift = round_ % len(variants)
             for _, label, kind, project in variants[shift:] + variants[:shift]:
@@ -212,75 +152,6 @@ def main() -> int:
     if args.write:
         bench.replace_section(section, BEGIN, END)
     return 0
-
-
-INTERLEAVED_BEGIN = "<!-- request-cpu-interleaved:begin (written by bench/request_cpu.py) -->"
-INTERLEAVED_END = "<!-- request-cpu-interleaved:end -->"
-
-
-def interleaved_runs(
-    args: argparse.Namespace,
-    variants: list[tuple[str, str, str, object]],
-    cluster: object,
-    started: float,
-    info: dict[str, str],
-) -> str:
-    """One process per target with its generated and hand-written apps; per-burst ratios."""
-    from rendering import clean_env
-
-    lines = [
-        INTERLEAVED_BEGIN,
-        "## CPU per request, both apps in one process (bench/request_cpu.py --interleaved)",
-        "",
-        "",  # the command line, once the run is over
-        "",
-        f"`GET /work?ms=0` from {CONCURRENCY} tasks; the generated and the hand-written app of a"
-        f" target built in one process (each with its own 5 + 5 pool), then {args.interleaved}"
-        f" bursts of {args.requests:,} requests each, alternating, after a warm-up. Each burst's"
-        " ratio is generated / hand-written CPU time per request in neighbouring bursts.",
-        "",
-        "| target | generated | hand-written | ratio of medians | per-burst ratio: median"
-        " (quartiles) |",
-        "|---|---:|---:|---:|---|",
-    ]
-    for target in ("sync", "async"):
-        project = next(v[3] for v in variants if v[0] == target and v[2] == "generated")
-        kinds = ["generated", f"handwritten_{target}"]
-        env = clean_env(
-            without_pg=True,
-            DATABASE_URL=cluster.dsn(driver=""),
-            APPLICATION_NAME=f"cpu-interleaved-{target}",
-            BENCH_PACKAGE=project.package,
-            POOL_SIZE="5",
-            POOL_MAX_OVERFLOW="5",
-            PYTHONPATH=f"{BENCH}:{project.root / 'src'}",
-        )
-        argv = [sys.executable, __file__, "--probe-interleaved", ",".join(kinds)]
-        argv += [str(args.interleaved), str(args.requests)]
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode:
-            raise RuntimeError(done.stderr[-3000:])
-        samples = json.loads(done.stdout.split("\n")[-2])
-        mine, theirs = samples[kinds[0]], samples[kinds[1]]
-        ratios = sorted(a / b for a, b in zip(mine, theirs, strict=True))
-        quartiles = statistics.quantiles(ratios, n=4)
-        lines.append(
-            f"| {target} | {statistics.median(mine) * 1e6:.0f} us"
-            f" | {statistics.median(theirs) * 1e6:.0f} us"
-            f" | {statistics.median(mine) / statistics.median(theirs):.2f}x"
-            f" | {statistics.median(ratios):.3f} ({quartiles[0]:.3f} - {quartiles[2]:.3f}) |"
-        )
-        print(lines[-1], flush=True)
-    load_average = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    lines[3] = (
-        f"`.venv/bin/python bench/request_cpu.py --interleaved {args.interleaved} --requests"
-        f" {args.requests} --write`, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC,"
-        f" {(time.monotonic() - started) / 60:.1f} min. Machine: {info['cpu']}, {info['memory']};"
-        f" {info['python']}; {info['postgres']}; {info['packages']}. Load average at the end"
-        f" {load_average}: shared with other work."
-    )
-    lines.append(INTERLEAVED_END)
-    return "\n".join(lines)
 
 
 def report(
