@@ -1,24 +1,31 @@
-"""Benchmark: requests per connection, generated services against hand-written ones.
+"""Benchmark: requests per second at equal connections, generated services against hand-written.
 
-    .venv/bin/python bench/efficiency.py              # ~3 minutes on 2 cores
-    .venv/bin/python bench/efficiency.py --write      # and rewrite its section of RESULTS.md
+    .venv/bin/python bench/efficiency.py --targets sync          # ~3 minutes on 2 cores
+    .venv/bin/python bench/efficiency.py --ms 0 --clients 50     # a short query
+    .venv/bin/python bench/efficiency.py --write                 # and rewrite RESULTS.md
 
 Run by hand, not by the test suite; it needs PostgreSQL's server binaries, like the realdb tier.
 Every service gets the same pool (POOL_SIZE + POOL_MAX_OVERFLOW = 5 + 5 = 10 connections, the
-same pool_timeout, pre_ping, LIFO) against the same throwaway cluster, and the same load: closed-
-loop clients on GET /work?ms=20 (``SELECT pg_sleep(0.02)`` in the request's session). So the
-pool's physical limit is 10 connections / 20 ms = 500 requests per second, whatever the code.
+same pool_timeout, LIFO) against the same throwaway cluster, and the same load: closed-loop
+clients on GET /work?ms=MS (``SELECT pg_sleep(MS / 1000)`` in the request's session), at each
+client count of --clients in turn. At 20 ms the pool's physical limit is 10 connections / 20 ms
+= 500 requests per second, whatever the code; at 0 ms the services' CPU decides.
 
-Compared, alternating within one run (A B A B ...) so drift hits both alike:
+Compared, alternating within one run (A B, then B A, ...) so drift hits both alike:
 
   sync    the generated k8s-sync service  vs  hand-written: ``with SessionLocal() as session:``
           inside a plain ``def`` endpoint (bench/apps.py handwritten_sync_app)
   async   the generated k8s-async service vs  hand-written: ``async with SessionLocal() as
           session:`` in an ``async def`` endpoint (bench/apps.py handwritten_async_app)
 
-Reported: requests per second in the window (median of the rounds), the ratio generated /
-hand-written, the share of the physical limit, and the service process's CPU use (user + system
-seconds per wall second, from /proc), which says whether the CPU or the pool bounded the number.
+Each service process serves every client count of a round (a warm-up first), so a round costs
+one start-up per service. Reported per client count: requests per second (median of the rounds),
+the ratio generated / hand-written of the medians and its spread over the rounds (each round's
+own ratio), the service process's CPU use (user + system seconds per wall second, from /proc),
+and the PostgreSQL sessions each service opened over its whole life (pg_stat_database, read once
+the process has exited): 10 for a pool that never churns, plus its start-up.
+
+bench/latency.py reuses this script's runner with a latency proxy in front of PostgreSQL.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -38,25 +45,44 @@ sys.path.insert(0, str(BENCH))
 import load as bench  # noqa: E402  (bench/load.py: the shared service runner)
 from harness import ActivitySampler, PostgresCluster, missing_requirements  # noqa: E402
 from loadgen import load  # noqa: E402
-from services import ServiceProcess, render  # noqa: E402
+from services import RenderedProject, ServiceProcess, render  # noqa: E402
 
-BEGIN = "<!-- efficiency:begin (written by bench/efficiency.py) -->"
-END = "<!-- efficiency:end -->"
 POOL = {"pool_size": 5, "max_overflow": 5}
 CONNECTIONS = POOL["pool_size"] + POOL["max_overflow"]
-WORK_MS = 20
+TARGETS = {
+    "sync": ("generated k8s-sync", "hand-written sync", "handwritten_sync"),
+    "async": ("generated k8s-async", "hand-written async", "handwritten_async"),
+}
 
 
 @dataclass
 class Run:
     label: str
     round: int
+    clients: int
     ok_per_second: float
     cpu: float
     machine: float
-    loadgen: float
     peak: int
     errors: dict[str, int]
+
+
+@dataclass
+class Life:
+    """One service process of one round: its runs and the sessions it opened."""
+
+    label: str
+    round: int
+    runs: list[Run] = field(default_factory=list)
+    sessions: int = 0
+
+
+@dataclass
+class Variant:
+    label: str
+    kind: str  # the bench/apps.py factory
+    project: RenderedProject
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def machine_busy() -> tuple[float, float]:
@@ -73,48 +99,75 @@ def cpu_seconds(pid: int) -> float:
     return ticks / 100.0
 
 
-def measure(
-    label: str,
-    kind: str,
-    project,
+def sessions_opened(cluster: PostgresCluster) -> int:
+    """Sessions PostgreSQL has started for the application database (this query's included)."""
+    rows = cluster.psql(
+        "SELECT sessions FROM pg_stat_database WHERE datname = %s", (cluster.app_db,)
+    )
+    return int(rows[0][0])
+
+
+def serve(
+    variant: Variant,
     cluster: PostgresCluster,
-    clients: int,
+    dsn: str,
+    clients: list[int],
+    ms: int,
     seconds: float,
     round_: int,
     workdir: Path,
-) -> Run:
-    application_name = f"eff-{label.replace(' ', '-')}-{round_}"
+) -> Life:
+    """Start the service once and measure it at each client count; then count its sessions."""
+    application_name = f"eff-{variant.label.replace(' ', '-')}-{round_}"
+    life = Life(variant.label, round_)
+    before_sessions = sessions_opened(cluster)
     service = ServiceProcess(
-        project,
-        cluster.dsn(driver=""),
+        variant.project,
+        dsn,
         application_name,
         workdir,
-        argv=[str(BENCH / "serve.py"), kind],
-        BENCH_PACKAGE=project.package,
-        PYTHONPATH=f"{BENCH}:{project.root / 'src'}",
+        argv=[str(BENCH / "serve.py"), variant.kind],
+        BENCH_PACKAGE=variant.project.package,
+        PYTHONPATH=f"{BENCH}:{variant.project.root / 'src'}",
         POOL_SIZE=POOL["pool_size"],
         POOL_MAX_OVERFLOW=POOL["max_overflow"],
+        **variant.env,
     )
     with service:
         service.wait_ready()
-        load(service.port, bench.work(WORK_MS), clients=10, duration=2, max_requests=5_000)
-        time.sleep(0.5)
-        before = cpu_seconds(service.pid)
-        machine_before = machine_busy()
-        loadgen_before = time.process_time()
-        with ActivitySampler(cluster, application_name, max_duration=120) as sampler:
-            result = load(
-                service.port,
-                bench.work(WORK_MS),
-                clients=clients,
-                duration=seconds,
-                max_requests=200_000,
-                timeout=30,
-            )
-        used = cpu_seconds(service.pid) - before
-        loadgen = time.process_time() - loadgen_before
-        busy_after, total_after = machine_busy()
-        machine = (busy_after - machine_before[0]) / max(total_after - machine_before[1], 1)
+        load(service.port, bench.work(ms), clients=10, duration=2, max_requests=5_000)
+        for count in clients:
+            time.sleep(0.5)
+            life.runs.append(measure(variant.label, service, cluster, count, ms, seconds, round_))
+    time.sleep(1.0)  # the backends' exit reports reach pg_stat_database
+    life.sessions = sessions_opened(cluster) - before_sessions - 1
+    print(f"  round {round_} {variant.label}: {life.sessions} sessions opened", flush=True)
+    return life
+
+
+def measure(
+    label: str,
+    service: ServiceProcess,
+    cluster: PostgresCluster,
+    clients: int,
+    ms: int,
+    seconds: float,
+    round_: int,
+) -> Run:
+    before = cpu_seconds(service.pid)
+    machine_before = machine_busy()
+    with ActivitySampler(cluster, service.application_name, max_duration=120) as sampler:
+        result = load(
+            service.port,
+            bench.work(ms),
+            clients=clients,
+            duration=seconds,
+            max_requests=200_000,
+            timeout=30,
+        )
+    used = cpu_seconds(service.pid) - before
+    busy_after, total_after = machine_busy()
+    machine = (busy_after - machine_before[0]) / max(total_after - machine_before[1], 1)
     window_end = result.started + seconds
     ok = sum(1 for record in result.ok() if record.end <= window_end)
     errors: dict[str, int] = {}
@@ -122,124 +175,170 @@ def measure(
         key = {-1: "timeout", 0: "transport"}.get(record.status, str(record.status))
         errors[key] = errors.get(key, 0) + 1
     run = Run(
-        label,
-        round_,
-        ok / seconds,
-        used / result.duration,
-        machine,
-        loadgen / result.duration,
-        sampler.peak,
-        errors,
+        label, round_, clients, ok / seconds, used / result.duration, machine, sampler.peak, errors
     )
     print(
-        f"  round {round_} {label:<22} {run.ok_per_second:7.1f} req/s  service cpu {run.cpu:.2f}"
-        f"  load generator cpu {run.loadgen:.2f}  machine {run.machine:.0%}"
-        f"  peak {run.peak} connections  errors {errors or 'none'}",
+        f"  round {round_} {label:<28} {clients:4d} clients {run.ok_per_second:7.1f} req/s"
+        f"  cpu {run.cpu:.2f}  machine {run.machine:.0%}  peak {run.peak}"
+        f"  errors {errors or 'none'}",
         flush=True,
     )
     return run
 
 
+def alternate(
+    pairs: list[tuple[Variant, Variant]],
+    cluster: PostgresCluster,
+    dsn: str,
+    clients: list[int],
+    ms: int,
+    seconds: float,
+    rounds: int,
+    workdir: Path,
+) -> list[Life]:
+    """Every pair, every round; within a pair the order flips each round."""
+    lives = []
+    for round_ in range(1, rounds + 1):
+        for pair in pairs:
+            ordered = pair if round_ % 2 else tuple(reversed(pair))
+            for variant in ordered:
+                lives.append(serve(variant, cluster, dsn, clients, ms, seconds, round_, workdir))
+    return lives
+
+
+def ratio_table(lives: list[Life], pairs: list[tuple[str, str]], clients: list[int]) -> list[str]:
+    """One row per (pair, client count): req/s, ratio of medians, per-round ratios, CPU."""
+    runs = [run for life in lives for run in life.runs]
+    lines = [
+        "| clients | service | req/s (median) | x baseline | per-round ratios (min - max) | CPU"
+        " | peak conns | errors |",
+        "|---:|---|---:|---:|---|---:|---:|---|",
+    ]
+    for generated, baseline in pairs:
+        for count in clients:
+            mine = {r.round: r for r in runs if r.label == generated and r.clients == count}
+            base = {r.round: r for r in runs if r.label == baseline and r.clients == count}
+            base_median = statistics.median(r.ok_per_second for r in base.values())
+            ratios = sorted(
+                mine[n].ok_per_second / base[n].ok_per_second
+                for n in mine
+                if n in base and base[n].ok_per_second
+            )
+            for label, measured in ((generated, mine), (baseline, base)):
+                value = statistics.median(r.ok_per_second for r in measured.values())
+                errors: dict[str, int] = {}
+                for run in measured.values():
+                    for key, number in run.errors.items():
+                        errors[key] = errors.get(key, 0) + number
+                spread = (
+                    f"{', '.join(f'{x:.2f}' for x in ratios)} ({ratios[0]:.2f} - {ratios[-1]:.2f})"
+                    if label == generated and ratios
+                    else ""
+                )
+                lines.append(
+                    f"| {count} | {label} | {value:.0f} | {value / base_median:.2f}x | {spread}"
+                    f" | {statistics.median(r.cpu for r in measured.values()):.2f}"
+                    f" | {max(r.peak for r in measured.values())} | {errors or 'none'} |"
+                )
+    return lines
+
+
+def sessions_line(lives: list[Life]) -> str:
+    by_label: dict[str, list[int]] = {}
+    for life in lives:
+        by_label.setdefault(life.label, []).append(life.sessions)
+    return "Sessions opened per service process (each round): " + "; ".join(
+        f"{label} {', '.join(str(n) for n in counts)}" for label, counts in by_label.items()
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--sync-clients", type=int, default=200)
-    parser.add_argument("--async-clients", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=4)
+    parser.add_argument("--clients", default="10,30,60,100,200,400")
+    parser.add_argument("--ms", type=int, default=20, help="pg_sleep per request, ms")
+    parser.add_argument("--targets", default="sync,async")
     parser.add_argument("--write", action="store_true", help="rewrite the RESULTS.md section")
     args = parser.parse_args()
     reason = missing_requirements()
     if reason:
         print(f"cannot run the benchmark: {reason}", file=sys.stderr)
         return 2
+    clients = [int(count) for count in args.clients.split(",")]
+    targets = args.targets.split(",")
     workdir = Path(tempfile.mkdtemp(prefix="poolwise-efficiency-"))
-    sync = render(workdir / "sync", {"project_name": "eff-sync", "target": "k8s-sync", **POOL})
-    async_ = render(workdir / "async", {"project_name": "eff-async", "target": "k8s-async", **POOL})
-    pairs = [
-        (
-            "sync",
-            args.sync_clients,
-            [
-                ("generated k8s-sync", "generated", sync),
-                ("hand-written sync", "handwritten_sync", sync),
-            ],
-        ),
-        (
-            "async",
-            args.async_clients,
-            [
-                ("generated k8s-async", "generated", async_),
-                ("hand-written async", "handwritten_async", async_),
-            ],
-        ),
-    ]
-    runs: list[Run] = []
+    pairs = []
+    for target in targets:
+        generated, handwritten, kind = TARGETS[target]
+        project = render(
+            workdir / target, {"project_name": f"eff-{target}", "target": f"k8s-{target}", **POOL}
+        )
+        pairs.append(
+            (Variant(generated, "generated", project), Variant(handwritten, kind, project))
+        )
     started = time.monotonic()
     with PostgresCluster(max_connections=100) as cluster:
-        sync.create_schema(cluster.dsn())
-        for round_ in range(1, args.rounds + 1):
-            for _name, clients, services in pairs:
-                # Alternate which one goes first, so neither always runs on a warmer machine.
-                ordered = services if round_ % 2 else list(reversed(services))
-                for label, kind, project in ordered:
-                    runs.append(
-                        measure(
-                            label, kind, project, cluster, clients, args.seconds, round_, workdir
-                        )
-                    )
-    section = report(args, runs, time.monotonic() - started)
+        pairs[0][0].project.create_schema(cluster.dsn())
+        lives = alternate(
+            pairs,
+            cluster,
+            cluster.dsn(driver=""),
+            clients,
+            args.ms,
+            args.seconds,
+            args.rounds,
+            workdir,
+        )
+    load_average = Path("/proc/loadavg").read_text().split()[:3]
+    section = report(args, pairs, lives, clients, time.monotonic() - started, load_average)
     print(section)
     if args.write:
-        bench.replace_section(section, BEGIN, END)
+        begin, end = markers(args.ms, args.targets)
+        bench.replace_section(section, begin, end)
     return 0
 
 
-def report(args: argparse.Namespace, runs: list[Run], elapsed: float) -> str:
+def markers(ms: int, targets: str) -> tuple[str, str]:
+    """One RESULTS.md section per query length and targets, so runs of each stay side by side."""
+    name = f"efficiency-{ms}ms-{targets.replace(',', '-')}"
+    return f"<!-- {name}:begin (written by bench/efficiency.py) -->", f"<!-- {name}:end -->"
+
+
+def report(
+    args: argparse.Namespace,
+    pairs: list[tuple[Variant, Variant]],
+    lives: list[Life],
+    clients: list[int],
+    elapsed: float,
+    load_average: list[str],
+) -> str:
     info = bench.machine()
-    limit = CONNECTIONS / (WORK_MS / 1000)
-
-    def median(label: str, attribute: str) -> float:
-        return statistics.median(getattr(run, attribute) for run in runs if run.label == label)
-
+    begin, end = markers(args.ms, args.targets)
+    limit = f"; physical limit {CONNECTIONS / (args.ms / 1000):.0f} req/s" if args.ms else ""
     lines = [
-        BEGIN,
-        "## Efficiency at equal connections (bench/efficiency.py)",
+        begin,
+        f"## Requests per second at equal connections, `pg_sleep({args.ms / 1000:g})`,"
+        f" {args.targets.replace(',', ' and ')} (bench/efficiency.py)",
         "",
-        f"`.venv/bin/python bench/efficiency.py --rounds {args.rounds} --seconds {args.seconds:g}"
-        f" --write`, {dt.date.today().isoformat()}, {elapsed / 60:.1f} min. Machine: {info['cpu']},"
-        f" {info['memory']}; {info['python']}; {info['postgres']}; {info['packages']}.",
+        f"`.venv/bin/python bench/efficiency.py --ms {args.ms} --clients {args.clients}"
+        f" --targets {args.targets} --rounds {args.rounds} --seconds {args.seconds:g} --write`,"
+        f" {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min. Machine:"
+        f" {info['cpu']}, {info['memory']}; {info['python']}; {info['postgres']};"
+        f" {info['packages']}. Load average at the end {' '.join(load_average)}: the machine"
+        " was shared with other work, so read the ratios (same round, alternating order), not"
+        " the absolute numbers.",
         "",
-        f"Every service: {CONNECTIONS} connections (5 + 5), pool_timeout 5 s; load: closed-loop"
-        f" clients on `SELECT pg_sleep(0.02)`; physical limit {limit:.0f} req/s. Median of"
-        f" {args.rounds} alternating rounds of {args.seconds:g} s; CPU is the service process's"
-        " user + system seconds per wall second (1.00 = one core busy); load gen. the same for"
-        " the load generator (this process); machine is the share of all cores busy.",
+        f"Every service: {CONNECTIONS} connections (5 + 5), pool_timeout 5 s; closed-loop clients"
+        f" on `SELECT pg_sleep({args.ms / 1000:g})`{limit}. Median of {args.rounds} rounds of"
+        f" {args.seconds:g} s per client count; CPU is the service process's user + system"
+        " seconds per wall second.",
         "",
-        "| target | clients | service | req/s | ratio | of the limit | CPU | load gen. | machine"
-        " | peak conns |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, clients, generated, handwritten in (
-        ("sync", args.sync_clients, "generated k8s-sync", "hand-written sync"),
-        ("async", args.async_clients, "generated k8s-async", "hand-written async"),
-    ):
-        base = median(handwritten, "ok_per_second")
-        for label in (generated, handwritten):
-            value = median(label, "ok_per_second")
-            peak = max(run.peak for run in runs if run.label == label)
-            lines.append(
-                f"| {name} | {clients} | {label} | {value:.0f} | {value / base:.2f}x"
-                f" | {value / limit:.0%} | {median(label, 'cpu'):.2f}"
-                f" | {median(label, 'loadgen'):.2f} | {median(label, 'machine'):.0%} | {peak} |"
-            )
-    lines += ["", "Every round:", ""]
-    lines += [
-        f"- round {run.round} {run.label}: {run.ok_per_second:.1f} req/s, CPU {run.cpu:.2f},"
-        f" load gen. {run.loadgen:.2f}, machine {run.machine:.0%}, peak {run.peak},"
-        f" errors {run.errors or 'none'}"
-        for run in runs
-    ]
-    lines.append(END)
+    lines += ratio_table(
+        lives, [(generated.label, baseline.label) for generated, baseline in pairs], clients
+    )
+    lines += ["", sessions_line(lives), end]
     return "\n".join(lines)
 
 

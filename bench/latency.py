@@ -1,0 +1,226 @@
+"""Benchmark: 1 ms queries over a network, the pre-ping skipped against pool_pre_ping=True.
+
+    .venv/bin/python bench/latency.py              # ~4 minutes on 2 cores
+    .venv/bin/python bench/latency.py --write      # and rewrite its section of RESULTS.md
+
+Run by hand, not by the test suite; it needs PostgreSQL's server binaries, like the realdb tier.
+Every service reaches PostgreSQL through tests/realdb/latency_proxy.py, in a process of its own,
+which delays every byte by --delay-ms each way (0.25 ms: a same-region cloud network; on
+127.0.0.1 a round trip is some 0.05 ms, so the pre-ping's `SELECT 1` costs almost nothing here
+without the proxy). Load: closed-loop clients on GET /work?ms=1 (``SELECT pg_sleep(0.001)``),
+every service with the same 5 + 5 pool, alternating as bench/efficiency.py does.
+
+Compared, per target:
+
+  generated                    the generated service as shipped: db/pre_ping.py pings only a
+                               connection idle POOL_PRE_PING_AFTER_SECONDS (1 s) or closed by
+                               the server
+  generated, ping every time   the same with POOL_PRE_PING_AFTER_SECONDS=0 (pool_pre_ping=True):
+                               what the skip alone is worth
+  hand-written                 bench/apps.py's careful hand-written app, pool_pre_ping=True
+
+Under load the services' CPU share decides req/s as much as the network does, so the script
+also counts what no other load on the machine changes: the messages each service sends to
+PostgreSQL per request (one client, one request at a time, through an in-process proxy that
+counts them): each is a round trip the request waits for, 2 x --delay-ms on this network.
+
+The proxy's own delay is measured as it runs (how late each chunk left after its due time) and
+reported with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import efficiency  # noqa: E402  (the runner: one service process per round)
+import load as bench  # noqa: E402
+from harness import PostgresCluster, missing_requirements  # noqa: E402
+from latency_proxy import LatencyProxy  # noqa: E402
+from loadgen import load  # noqa: E402
+from ports import free_port  # noqa: E402
+from services import ServiceProcess, render  # noqa: E402
+
+BEGIN = "<!-- latency:begin (written by bench/latency.py) -->"
+END = "<!-- latency:end -->"
+PROXY = BENCH.parent / "tests" / "realdb" / "latency_proxy.py"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--ms", type=int, default=1, help="pg_sleep per request, ms")
+    parser.add_argument("--delay-ms", type=float, default=0.25, help="added each way")
+    parser.add_argument("--targets", default="sync,async")
+    parser.add_argument("--write", action="store_true", help="rewrite the RESULTS.md section")
+    args = parser.parse_args()
+    reason = missing_requirements()
+    if reason:
+        print(f"cannot run the benchmark: {reason}", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="poolwise-latency-"))
+    groups = []
+    for target in args.targets.split(","):
+        generated, handwritten, kind = efficiency.TARGETS[target]
+        project = render(
+            workdir / target,
+            {"project_name": f"lat-{target}", "target": f"k8s-{target}", **efficiency.POOL},
+        )
+        groups.append(
+            (
+                efficiency.Variant(generated, "generated", project),
+                efficiency.Variant(
+                    f"{generated}, ping every time",
+                    "generated",
+                    project,
+                    {"POOL_PRE_PING_AFTER_SECONDS": "0"},
+                ),
+                efficiency.Variant(handwritten, kind, project),
+            )
+        )
+    started = time.monotonic()
+    with PostgresCluster(max_connections=100) as cluster:
+        groups[0][0].project.create_schema(cluster.dsn())
+        port = free_port()
+        proxy = subprocess.Popen(
+            [
+                sys.executable,
+                str(PROXY),
+                "--upstream-port",
+                str(cluster.port),
+                "--port",
+                str(port),
+                "--delay-ms",
+                str(args.delay_ms),
+                "--seconds",
+                "900",
+                "--report",
+                str(workdir / "proxy.txt"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": ""},
+        )
+        try:
+            assert proxy.stdout is not None and proxy.stdout.readline().strip() == "listening"
+            dsn = cluster.dsn(driver="").replace(f":{cluster.port}/", f":{port}/")
+            lives = efficiency.alternate(
+                groups, cluster, dsn, [args.clients], args.ms, args.seconds, args.rounds, workdir
+            )
+            trips = {
+                variant.label: round_trips(variant, cluster, args.ms, workdir)
+                for group in groups
+                for variant in group
+            }
+        finally:
+            proxy.send_signal(signal.SIGTERM)
+            proxy.wait(timeout=30)
+    delay = (workdir / "proxy.txt").read_text().strip()
+    load_average = Path("/proc/loadavg").read_text().split()[:3]
+    section = report(args, groups, lives, trips, delay, time.monotonic() - started, load_average)
+    print(section)
+    if args.write:
+        bench.replace_section(section, BEGIN, END)
+    return 0
+
+
+def round_trips(
+    variant: efficiency.Variant, cluster: PostgresCluster, ms: int, workdir: Path
+) -> tuple[float, float]:
+    """(messages to PostgreSQL per request, median latency in ms) for one request at a time."""
+    with LatencyProxy(cluster.port, 0.0, free_port()) as proxy:
+        dsn = cluster.dsn(driver="").replace(f":{cluster.port}/", f":{proxy.port}/")
+        service = ServiceProcess(
+            variant.project,
+            dsn,
+            f"trips-{variant.label.replace(' ', '-').replace(',', '')}",
+            workdir,
+            argv=[str(BENCH / "serve.py"), variant.kind],
+            BENCH_PACKAGE=variant.project.package,
+            PYTHONPATH=f"{BENCH}:{variant.project.root / 'src'}",
+            POOL_SIZE=efficiency.POOL["pool_size"],
+            POOL_MAX_OVERFLOW=efficiency.POOL["max_overflow"],
+            **variant.env,
+        )
+        with service:
+            service.wait_ready()
+            load(service.port, bench.work(ms), clients=1, duration=5, max_requests=20)
+            before = proxy.sent_to_server
+            result = load(service.port, bench.work(ms), clients=1, duration=20, max_requests=200)
+            sent = proxy.sent_to_server - before
+    done = len(result.records)
+    assert done and not result.failed(), result.summary()
+    latencies = sorted(record.latency for record in result.records)
+    return sent / done, latencies[done // 2] * 1000
+
+
+def report(
+    args: argparse.Namespace,
+    groups: list[tuple[efficiency.Variant, ...]],
+    lives: list[efficiency.Life],
+    trips: dict[str, tuple[float, float]],
+    delay: str,
+    elapsed: float,
+    load_average: list[str],
+) -> str:
+    info = bench.machine()
+    pairs = []
+    for generated, every_time, handwritten in groups:
+        pairs += [(generated.label, handwritten.label), (every_time.label, handwritten.label)]
+    lines = [
+        BEGIN,
+        "## 1 ms queries over a 0.25 ms network: the pre-ping skipped (bench/latency.py)",
+        "",
+        f"`.venv/bin/python bench/latency.py --clients {args.clients} --ms {args.ms}"
+        f" --delay-ms {args.delay_ms:g} --targets {args.targets} --rounds {args.rounds}"
+        f" --seconds {args.seconds:g} --write`, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC,"
+        f" {elapsed / 60:.1f} min. Machine: {info['cpu']}, {info['memory']}; {info['python']};"
+        f" {info['postgres']}; {info['packages']}. Load average at the end"
+        f" {' '.join(load_average)}: the machine was shared with other work.",
+        "",
+        f"Every service: 10 connections (5 + 5) through the latency proxy ({args.delay_ms:g} ms"
+        f" added each way; {delay}); {args.clients} closed-loop clients on"
+        f" `SELECT pg_sleep({args.ms / 1000:g})`; median of {args.rounds} alternating rounds of"
+        f" {args.seconds:g} s. The ratio is to the hand-written service with"
+        " pool_pre_ping=True, in the same rounds.",
+        "",
+    ]
+    rows = efficiency.ratio_table(lives, pairs, [args.clients])
+    seen = set()
+    for row in rows:  # each hand-written row appears once per pair: keep the first
+        if row in seen:
+            continue
+        seen.add(row)
+        lines.append(row)
+    lines += [
+        "",
+        efficiency.sessions_line(lives),
+        "",
+        "Messages to PostgreSQL per request, one request at a time (each a round trip the"
+        f" request waits on; at {args.delay_ms:g} ms each way, {2 * args.delay_ms:g} ms each):",
+        "",
+        "| service | messages per request | their network time | median latency, 1 client |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {label} | {sent:.2f} | {sent * 2 * args.delay_ms:.2f} ms | {latency:.1f} ms |"
+        for label, (sent, latency) in trips.items()
+    ]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
