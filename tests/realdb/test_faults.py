@@ -160,7 +160,9 @@ def test_terminated_backends_are_replaced_by_pre_ping(
     after = load(service.port, items_mix(ids), clients=CLIENTS, duration=2, max_requests=200)
     print(f"{name}: killed {killed} idle; then {after.summary()}")
     assert after.failed() == [], [(r.status, r.body[:200]) for r in after.failed()[:5]]
-    assert len(after.records) >= 50
+    # Served, not stalled: at least half the rate of the warm run just before it, on the same
+    # machine at the same load (a pool waiting on dead connections answers next to nothing).
+    assert len(after.records) >= len(warm.records), (warm.summary(), after.summary())
 
 
 @DIRECT
