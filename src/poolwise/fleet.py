@@ -1,7 +1,7 @@
 """Every service that shares a PostgreSQL cluster, summed against what the cluster can give.
 
 Each service's worst case is what its own budget computes for the deployed variant that can open
-the most connections (db/budget.py's database hop: the app side, or PgBouncer's or RDS Proxy's
+the most connections (poolwise.rule's database hop: the app side, or PgBouncer's or RDS Proxy's
 server side, plus its migration). The cluster's limits come from the services' own
 database_limits.toml, or from a proposed limits file (the dry run of a limits change).
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from . import budget, guardrail
+from . import guardrail, rule
 from .services import InputError, Service
 
 
@@ -161,14 +161,14 @@ def clusters(services: list[Service], proposed: dict[str, Limits] | None = None)
 # ----------------------------------------------------------------------------- output
 
 
-def _hops(service: Service, cluster: Cluster) -> list[budget.Check]:
+def _hops(service: Service, cluster: Cluster) -> list[rule.Check]:
     reading = service.worst
-    limits = budget.DatabaseLimits(
+    limits = rule.DatabaseLimits(
         cluster.limits.max_connections,
         cluster.limits.reserved_connections,
         cluster.total - service.total,
     )
-    return budget.checks(reading.topology, limits)
+    return rule.checks(reading.topology, limits)
 
 
 def text(result: list[Cluster]) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from psycopg import sql
 
-from . import budget
+from . import rule
 from .services import InputError, Service
 
 # NAMEDATALEN - 1: PostgreSQL truncates a longer identifier (with only a NOTICE).
@@ -149,7 +149,7 @@ def cluster_sql(name: str, members: list[Service]) -> str:
     for cap in role_caps(members):
         hops = " + ".join(
             f"{comment(service.name)} {service.total}"
-            f" ({budget.database_check(service.worst.topology, service.limits).hop})"
+            f" ({rule.database_check(service.worst.topology, service.limits).hop})"
             for service in cap.services
         )
         total = f" = {cap.limit}, migrations" if len(cap.services) > 1 else ", migration"
