@@ -21,7 +21,7 @@ import pytest
 from psycopg import sql as psycopg_sql
 from rendering import TEMPLATE_ROOT, clean_env, copier_copy, succeeded
 
-from poolwise import budget, deployed, fleet, services
+from poolwise import deployed, fleet, rule, services
 
 # main at the 0.1.0 release (tests/test_update.py builds its tag the same way).
 RELEASE_0_1_0 = "639afbe"
@@ -283,11 +283,11 @@ HOSTILE_ROLES = [
 
 def declared(name: str, role: str, cluster: str, pool: tuple[int, int]) -> services.Service:
     """A k8s service of one replica and one terminating pod: 2 x sum(pool) + 1 migration."""
-    limits = budget.DatabaseLimits(max_connections=500, reserved_connections=3, other_consumers=0)
-    workload = budget.Workload(
+    limits = rule.DatabaseLimits(max_connections=500, reserved_connections=3, other_consumers=0)
+    workload = rule.Workload(
         kind="k8s", replicas=1, terminating=1, pool_size=pool[0], max_overflow=pool[1]
     )
-    topology = budget.Topology(target="k8s-sync", workloads=(workload,))
+    topology = rule.Topology(target="k8s-sync", workloads=(workload,))
     return services.Service(
         root=Path("/services") / f"service-{len(name)}",
         name=name,

@@ -46,7 +46,7 @@ def test_the_example_file_answers_the_database_questions(tmp_path: Path) -> None
         - platform["other_consumers"]
     )
     kubectl("the budget command's reading of deploy/k8s")
-    table = run_checked(python("-m", "poolwise_service.db.budget"), project / "src")
+    table = run_checked(python("-m", "poolwise", "budget"), project / "src")
     assert f"{available} available (db_max_connections {platform['db_max_connections']}" in table
 
 

@@ -144,7 +144,7 @@ def env_int(
     project: Project, findings: list[str], env: Env, variable: str, default: int, declared: Any
 ) -> Input:
     """A number from the environment (or its declared default), range-checked by its rule."""
-    rule = BUDGET_VARIABLES.get(variable) or RANGE_VARIABLES[variable]
+    name = BUDGET_VARIABLES.get(variable) or RANGE_VARIABLES[variable]
     if variable in env.values:
         raw, source = env.values[variable]
         value = integer(raw, source)
@@ -152,10 +152,10 @@ def env_int(
         source = f"{project.topology_file}: default, {variable} is not set"
         value = default
     try:
-        rule.at_least_minimum(rule, value, source)
+        rule.at_least_minimum(name, value, source)
     except rule.OutOfRange as refusal:
         findings.append(f"{refusal}; fix {variable}")
-    return Input(rule, value, source, declared)
+    return Input(name, value, source, declared)
 
 
 def pool_share(project: Project, findings: list[str], env: Env) -> tuple[list[Input], int, int]:
