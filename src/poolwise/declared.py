@@ -12,7 +12,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .errors import Unreadable
 from .rule import CONCURRENT_RUNS, DatabaseLimits, Topology, Workload
 
@@ -33,8 +32,8 @@ def read_data_file(path: Path, relative: str | None = None) -> dict[str, Any]:
     found = data.get("schema")
     if found not in READABLE_SCHEMAS:
         raise Unreadable(
-            f"{where}: schema = {found!r} -> poolwise {__version__} reads schema {SCHEMA} and"
-            " files without one (0.2.0); install the poolwise release the service pins in"
+            f"{where}: schema = {found!r} -> this poolwise reads schema {SCHEMA} and files"
+            " without one (0.2.0); install the poolwise release the service pins in"
             " pyproject.toml, or fix the value"
         )
     return data
