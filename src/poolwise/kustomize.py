@@ -145,14 +145,14 @@ def generated_from(root: Path, doc: dict[str, Any], key: str) -> str | None:
     origin = yaml.safe_load(annotations.get("config.kubernetes.io/origin", "") or "") or {}
     if (origin.get("configuredBy") or {}).get("kind") != "ConfigMapGenerator":
         return None
-    kustomization = PurePosixPath(project_relative(str(origin.get("configuredIn", ""))))
-    for generator in kustomization(root / kustomization.parent).get("configMapGenerator", []):
+    configured_in = PurePosixPath(project_relative(str(origin.get("configuredIn", ""))))
+    for generator in kustomization(root / configured_in.parent).get("configMapGenerator", []):
         if str(generator.get("name")) not in str(doc.get("metadata", {}).get("name")):
             continue
         for item in generator.get("files", []) or []:
             name, _, file = str(item).rpartition("=")
             if (name or PurePosixPath(file).name) == key:
-                return f"{(kustomization.parent / file).as_posix()} (via {kustomization})"
+                return f"{(configured_in.parent / file).as_posix()} (via {configured_in})"
     return None
 
 
