@@ -40,7 +40,7 @@ def generated_app() -> FastAPI:
     session_dep = importlib.import_module(f"{package}.dependencies").SessionDep
     # As a team adds an endpoint: on a router whose routes finish the session (routing.py).
     router = APIRouter(route_class=importlib.import_module(f"{package}.routing").SessionRoute)
-    declared = importlib.import_module(f"{package}.db.budget").load_declared()
+    declared = importlib.import_module(f"{package}.settings").DECLARED
     if declared["service"]["target"] == "k8s-async":
 
         @router.get("/work")

@@ -10,7 +10,9 @@ Three ways to render, each for its reason:
   stderr, prompts in a terminal, and ``copier update``.
 
 Every subprocess of a rendered project (or of copier) gets :func:`clean_env`: what the test run
-put in this process's environment must not leak into the project under test.
+put in this process's environment must not leak into the project under test. It does get this
+checkout's `poolwise`, which a project's dev dependencies pin to this release: the shared
+virtualenv stands for the project's own, and this checkout is the release under test.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any, Literal
 import copier
 
 TEMPLATE_ROOT = Path(__file__).resolve().parent.parent
+# The `poolwise` package of this checkout, importable as a project's dev install makes it.
+POOLWISE_SRC = TEMPLATE_ROOT / "src"
 # POOLWISE_TEST_COPIER=/path/to/bin/copier runs the CLI tests with another copier, for example the
 # _min_copier_version of copier.yml in its own virtualenv.
 COPIER_OVERRIDE = "POOLWISE_TEST_COPIER"
@@ -39,19 +43,26 @@ JINJA_LEFTOVER = re.compile(r"\{\{|\}\}|\{%|%\}|\{#|#\}")
 # ----------------------------------------------------------------------------- environment
 
 
-def clean_env(*, without_pg: bool = False, **overrides: str) -> dict[str, str]:
+def clean_env(
+    *, without_pg: bool = False, with_poolwise: bool = True, **overrides: str
+) -> dict[str, str]:
     """This process's environment without what the test run put there, plus ``overrides``.
 
     PYTEST_* variables (PYTEST_ADDOPTS, PYTEST_XDIST_WORKER, ...) would change how a rendered
     project's own pytest runs, and PYTHONPATH would make it import something other than its
-    own src/; callers that need a PYTHONPATH pass one. ``without_pg`` also drops libpq's PG*
-    variables, for processes that connect to a database: a developer's PGHOST or PGUSER must
-    not redirect them away from the DATABASE_URL the test gives.
+    own src/; callers that need a PYTHONPATH pass one. ``with_poolwise`` appends this
+    checkout's `poolwise` (POOLWISE_SRC) to it, the dev dependency a project's tests import;
+    what installs a project as its image does passes False. ``without_pg`` also drops libpq's
+    PG* variables, for processes that connect to a database: a developer's PGHOST or PGUSER
+    must not redirect them away from the DATABASE_URL the test gives.
     """
     prefixes = ("PYTEST_", "PG") if without_pg else ("PYTEST_",)
     env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
     env.pop("PYTHONPATH", None)
     env.update(overrides)
+    if with_poolwise:
+        paths = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
+        env["PYTHONPATH"] = os.pathsep.join([*paths, str(POOLWISE_SRC)])
     return env
 
 

@@ -149,7 +149,7 @@ def test_a_service_over_its_allocation_fails_while_the_cluster_fits(
     hpa = grown / "orders-api" / "deploy" / "k8s" / "hpa.yaml"
     hpa.write_text(re.sub(r"(?m)^  maxReplicas: 3$", "  maxReplicas: 4", hpa.read_text()))
     # Its own budget: (4 + 1 + 1) x (5 + 5) + 1 = 61 > its 60, with the same formula and fix.
-    own = run(python("-m", "orders_api.db.budget"), grown / "orders-api" / "src")
+    own = run(python("-m", "poolwise", "budget"), grown / "orders-api" / "src")
     assert own.returncode == 1, own.stdout + own.stderr
     assert (
         "= 60 + 1 migration = 61 > allocation 60 (db/database_limits.toml). Fix: at 6 processes"

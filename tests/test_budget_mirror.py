@@ -1,20 +1,19 @@
-"""The copier validators and the rendered db/budget.py are one rule: same verdicts, same totals.
+"""The copier validators and poolwise's rule are one rule: same verdicts, same totals.
 
 For thousands of generated answer sets this renders what copier renders (the computed values of
-copier.yml, the rendered db/topology.toml and db/database_limits.toml) and compares budget.py's
-checks with includes/budget.jinja's, line for line. The staged checks (one per question that
-changes the budget, with the answers so far and the smallest ones to come) are bound to the
-same rule: they never refuse a set budget.py accepts, what they say fits does fit, and the
+copier.yml, the rendered db/topology.toml and db/database_limits.toml) and compares the checks
+of poolwise.rule (the one implementation: `poolwise budget`, fleet, doctor and every service's
+budget test) with includes/budget.jinja's, line for line. The staged checks (one per question
+that changes the budget, with the answers so far and the smallest ones to come) are bound to the
+same rule: they never refuse a set the rule accepts, what they say fits does fit, and the
 defaults they offer at a prompt fit.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
-import sys
 import tempfile
 import tomllib
 from functools import cache
@@ -28,20 +27,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rendering import TEMPLATE_ROOT
 
+from poolwise import declared as declared_files
+from poolwise import rule
+
 PACKAGE_DIR = TEMPLATE_ROOT / "template" / "src" / "{{package_name}}" / "db"
 # The rendered database_limits.toml, read by budget.py's own loader (allocation or
 # other_consumers, as a service reads it).
 LIMITS_FILE = Path(tempfile.mkdtemp(prefix="budget-mirror-")) / "database_limits.toml"
-
-
-@cache
-def budget_module():
-    spec = importlib.util.spec_from_file_location("rendered_budget", PACKAGE_DIR / "budget.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @cache
@@ -106,12 +98,11 @@ def answer_context(answers: dict[str, Any], interactive: bool = False) -> dict[s
 
 
 def rendered_topology(context: dict[str, Any]):
-    """What budget.py sees: the rendered db/topology.toml and db/database_limits.toml."""
-    budget = budget_module()
+    """What poolwise sees: the rendered db/topology.toml and db/database_limits.toml."""
     declared = tomllib.loads(render((PACKAGE_DIR / "topology.toml.jinja").read_text(), context))
     limits_text = render((PACKAGE_DIR / "database_limits.toml.jinja").read_text(), context)
     LIMITS_FILE.write_text(limits_text)
-    return budget.declared_topology(declared), budget.load_limits(LIMITS_FILE)
+    return declared_files.declared_topology(declared), declared_files.load_limits(LIMITS_FILE)
 
 
 def validator(macro: str, context: dict[str, Any]) -> str:
@@ -122,8 +113,8 @@ def validator(macro: str, context: dict[str, Any]) -> str:
 
 
 def every_failure(topology, limits) -> str:
-    """budget.py's refusal with every broken hop, as the copier validator words it."""
-    failures = budget_module().failures(topology, limits)
+    """poolwise.rule's refusal with every broken hop, as the copier validator words it."""
+    failures = rule.failures(topology, limits)
     if not failures:
         return ""
     rest = "".join(f"; also exceeded, {check.line()}. Fix: {check.fix}" for check in failures[1:])
@@ -159,19 +150,16 @@ answer_sets = st.fixed_dictionaries(
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(answers=answer_sets)
-def test_validator_accepts_exactly_what_budget_py_accepts(answers: dict[str, Any]) -> None:
-    budget = budget_module()
+def test_validator_accepts_exactly_what_the_rule_accepts(answers: dict[str, Any]) -> None:
     context = answer_context(answers)
     topology, limits = rendered_topology(context)
 
     assert validator("budget_error", context) == every_failure(topology, limits)
-    lines = [check.line() for check in budget.checks(topology, limits)]
+    lines = [check.line() for check in rule.checks(topology, limits)]
     assert validator("budget_lines", context).split("\n") == lines
-    assert (
-        int(validator("database_total", context)) == budget.database_check(topology, limits).total
-    )
+    assert int(validator("database_total", context)) == rule.database_check(topology, limits).total
     assert int(validator("app_total", context)) == topology.app_total
-    assert context["budget_worst_case"] == budget.database_check(topology, limits).total
+    assert context["budget_worst_case"] == rule.database_check(topology, limits).total
 
 
 def test_the_pinned_280_case_is_refused_by_both() -> None:
@@ -179,7 +167,7 @@ def test_the_pinned_280_case_is_refused_by_both() -> None:
 
     context = answer_context(K8S_OVER)
     topology, limits = rendered_topology(context)
-    failure = budget_module().first_failure(topology, limits)
+    failure = rule.first_failure(topology, limits)
     assert failure is not None
     assert failure.total == 281
     assert validator("budget_error", context) == failure.message()
@@ -199,7 +187,7 @@ def test_every_broken_hop_is_in_one_refusal() -> None:
     context = answer_context(answers)
     topology, limits = rendered_topology(context)
     refusal = validator("budget_error", context)
-    assert len(budget_module().failures(topology, limits)) == 2
+    assert len(rule.failures(topology, limits)) == 2
     assert refusal == every_failure(topology, limits)
     assert refusal.startswith("connection budget exceeded, app -> pgbouncer session pool: ")
     assert "; also exceeded, pgbouncer -> database: 60 default_pool_size" in refusal
@@ -290,7 +278,7 @@ def tight(answers: dict[str, Any], slack: int, pool_slack: int) -> dict[str, Any
     if answers["pooler"] == "pgbouncer" and answers["pgbouncer_pool_mode"] == "session":
         roomy["pgbouncer_default_pool_size"] = max(1, topology.app_total + pool_slack)
         topology, limits = rendered_topology(answer_context(roomy))
-    total = budget_module().database_check(topology, limits).total
+    total = rule.database_check(topology, limits).total
     if allocated:
         return {**roomy, "db_allocation": max(2, total + slack)}
     return {**roomy, "db_max_connections": max(2, total + slack), "other_consumers": 0}
@@ -304,7 +292,7 @@ def test_no_stage_refuses_a_set_that_fits_and_the_last_refuses_every_other(
     answers = tight(answers, slack, pool_slack)
     context = answer_context(answers)
     topology, limits = rendered_topology(context)
-    fits = not budget_module().failures(topology, limits)
+    fits = not rule.failures(topology, limits)
     for stage in INTEGER_STAGES:
         if APPLIES[stage](answers):
             hops, _, _ = staged(context, stage, answers[stage])
@@ -393,7 +381,7 @@ def test_a_percentage_surge_is_counted_in_pods_rounded_up() -> None:
 
 
 def test_a_percentage_surge_reaches_budget_py_as_the_same_pods() -> None:
-    # db/topology.toml must carry the count (max_surge_pods), not "25%", for budget.py to read.
+    # db/topology.toml must carry the count (max_surge_pods), not "25%", for poolwise to read.
     context = answer_context({"replicas_max": 10, "max_surge": "25%"})
     declared = render((PACKAGE_DIR / "topology.toml.jinja").read_text(), context)
     assert "\nmax_surge = 3\n" in declared, (
@@ -402,5 +390,5 @@ def test_a_percentage_surge_reaches_budget_py_as_the_same_pods() -> None:
     topology, limits = rendered_topology(context)
     assert topology.workloads[0].max_surge == 3
     assert int(validator("database_total", context)) == (
-        budget_module().database_check(topology, limits).total
+        rule.database_check(topology, limits).total
     )

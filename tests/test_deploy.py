@@ -237,12 +237,11 @@ def test_deploy_files_build_and_validate_offline(render, case: Case) -> None:
 
     # The loader reads back from deploy/ exactly the topology db/topology.toml declares.
     script = (
-        "import sys\n"
         "from pathlib import Path\n"
-        "sys.path[:0] = ['src']\n"
-        "from {package}.db import budget, deployed\n"
+        "from poolwise import declared as files, deployed\n"
         "reading = deployed.read_variant(Path('.'), deployed.variants(Path('.'))[0])\n"
-        "declared = budget.declared_topology(budget.load_declared())\n"
+        "topology_file = Path('src/{package}/db/topology.toml')\n"
+        "declared = files.declared_topology(files.load_declared(topology_file))\n"
         "unnamed = tuple(w._replace(name='') for w in reading.topology.workloads)\n"
         "read = reading.topology._replace(workloads=unnamed)\n"
         "assert read == declared, (read, declared)\n"

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from poolwise import budget, deployed, doctor, fleet, services
+from poolwise import deployed, doctor, fleet, rule, services
 
-LIMITS = budget.DatabaseLimits(max_connections=100, reserved_connections=3, other_consumers=0)
+LIMITS = rule.DatabaseLimits(max_connections=100, reserved_connections=3, other_consumers=0)
 
 
 def service(
@@ -30,10 +30,10 @@ def service(
     external: dict[str, int] | None = None,
 ) -> services.Service:
     """A k8s service of one replica (plus one terminating pod): 2 x sum(pool) + 1 migration."""
-    workload = budget.Workload(
+    workload = rule.Workload(
         kind="k8s", replicas=1, terminating=1, pool_size=pool[0], max_overflow=pool[1]
     )
-    topology = budget.Topology(
+    topology = rule.Topology(
         target="k8s-sync",
         workloads=(workload,),
         pooler=pooler,

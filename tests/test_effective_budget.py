@@ -1,8 +1,8 @@
 """The effective budget: what deploy/ would really apply, edited the ways teams edit it.
 
 Each row renders one answer set (once per worker), copies it, edits deploy/ (or the platform's
-limits) the way the issue lists, then runs both readers of db/deployed.py in the project: the
-generated `pytest tests/test_connection_budget.py` and `python -m poolwise_service.db.budget`.
+limits) the way the issue lists, then runs both readers of poolwise.deployed in the project: the
+generated `pytest tests/test_connection_budget.py` and `poolwise budget`.
 They must agree on the verdict, and both must name the file and field that moved the budget.
 Edits the loader handles (a sidecar, two documents in one file, ...) must keep passing, with the
 CLI table showing that they were counted right. A few rows restore deploy/ and pass again.
@@ -977,7 +977,7 @@ def budget_test(
 
 
 def budget_command(project: Path, path: str | None = None) -> subprocess.CompletedProcess[str]:
-    return in_project(project, "-m", f"{PACKAGE}.db.budget", path=path)
+    return in_project(project, "-m", "poolwise", "budget", path=path)
 
 
 def restore(project: Path, pristine: Path) -> None:

@@ -51,7 +51,7 @@ def test_the_example_file_answers_the_database_questions(tmp_path: Path) -> None
         - platform["other_consumers"]
     )
     kubectl("the budget command's reading of deploy/k8s")
-    table = run_checked(python("-m", "poolwise_service.db.budget"), project / "src")
+    table = run_checked(python("-m", "poolwise", "budget"), project / "src")
     assert f"{available} available (db_max_connections {platform['db_max_connections']}" in table
 
 
@@ -109,6 +109,6 @@ def test_a_service_the_file_gives_a_share_is_checked_against_it_alone(tmp_path: 
         name for name in platform["db_allocations"] if name != "orders-api" and name in limits
     ]
     kubectl("the budget command's reading of deploy/k8s")
-    table = run_checked(python("-m", "orders_api.db.budget"), project / "src")
+    table = run_checked(python("-m", "poolwise", "budget"), project / "src")
     assert f"= 51 <= allocation {share} (db/database_limits.toml)" in table
     assert f"of {share} allocated PostgreSQL connections" in result.stdout + result.stderr

@@ -118,7 +118,7 @@ def test_the_readme_says_overlays_are_checked_and_they_are(render, target: str) 
         ],
     }
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    checked = run(python("-m", f"{PACKAGE}.db.budget"), project / "src")
+    checked = run(python("-m", "poolwise", "budget"), project / "src")
     shown = checked.stdout + checked.stderr
     assert checked.returncode == 1, shown
     assert "deploy/overlays/prod" in shown, shown

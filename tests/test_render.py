@@ -42,9 +42,9 @@ def test_defaults_give_a_k8s_sync_service_with_the_guide_profile(render) -> None
     assert run_checked(python("-c", script), project / "src").split() == ["5", "5", "5", "1800"]
 
 
-def test_budget_cli_prints_the_rendered_table(render) -> None:
+def test_poolwise_budget_prints_the_rendered_table(render) -> None:
     project = render({"target": "lambda", "lambda_reserved_concurrency": 20})
-    output = run_checked(python("-m", "poolwise_service.db.budget"), project / "src")
+    output = run_checked(python("-m", "poolwise", "budget"), project / "src")
     # Run inside the service, the command reads deploy/ and names what it read.
     assert (
         "[ok] app -> database: Function/ServiceFunction: 20 lambda_reserved_concurrency"

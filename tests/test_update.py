@@ -557,10 +557,13 @@ def test_a_service_generated_from_0_1_0_updates_to_this_release(
 
     assert f"Updating to template version {THIS_RELEASE[1:]}" in result.stderr
     assert unmerged(project) == []
-    # The rendered snapshot (Python) is replaced by data and the loader of deploy/.
+    # The rendered snapshot (Python) is replaced by data; the rule and the loader of deploy/ are
+    # poolwise's, a pinned dev dependency, and leave the service.
     assert not (package / "db" / "topology.py").exists()
     assert "\npool_size = 5\n" in (package / "db" / "topology.toml").read_text()
-    assert (package / "db" / "deployed.py").is_file()
+    assert not (package / "db" / "budget.py").exists()
+    assert not (package / "db" / "deployed.py").exists()
+    assert f'"poolwise=={THIS_RELEASE[1:]}"' in (project / "pyproject.toml").read_text()
     assert '@router.get("/version")' in (package / "app.py").read_text()
     assert NEW_DEPENDENCY in (project / "pyproject.toml").read_text()
     assert '  POOL_SIZE: "4"\n' in configmap.read_text()
@@ -991,7 +994,7 @@ def test_a_0_2_0_service_keeps_other_consumers_or_moves_to_an_allocation(
         project,
     )
     assert " passed" in budget_test and "failed" not in budget_test
-    table = run_checked(python("-m", f"{PACKAGE}.db.budget"), project / "src")
+    table = run_checked(python("-m", "poolwise", "budget"), project / "src")
     assert "= 51 <= allocation 55 (db/database_limits.toml)" in table
     commit(project, "poolwise: our allocation")
 

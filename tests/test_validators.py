@@ -15,6 +15,10 @@ from test_budget_mirror import answer_context, render
 PYPROJECT = TEMPLATE_ROOT / "template" / "pyproject.toml.jinja"
 NAMES = TEMPLATE_ROOT / "includes" / "names.jinja"
 PACKAGE_NAME = re.compile(r"[a-z_][a-z0-9_]*\Z")
+# This repository's own package, which every generated project's dev dependencies pin: the test
+# environment imports it from src/ instead of installing it, so its requirements are read from
+# pyproject.toml.
+THIS_PACKAGE = "poolwise"
 
 
 def listed(name: str) -> set[str]:
@@ -47,6 +51,11 @@ def installed_closure(requirements: set[str]) -> set[str]:
         if key in seen:
             continue
         seen.add(key)
+        if key[0] == THIS_PACKAGE:
+            found.add(THIS_PACKAGE)
+            project = tomllib.loads((TEMPLATE_ROOT / "pyproject.toml").read_text())["project"]
+            pending += [Requirement(line) for line in project["dependencies"]]
+            continue
         distribution = metadata.distribution(requirement.name)
         found.add(canonicalize_name(distribution.metadata["Name"]))
         extras = requirement.extras or {""}
@@ -67,6 +76,8 @@ def test_every_module_a_generated_project_installs_is_a_refused_package_name() -
         if PACKAGE_NAME.match(module)
         and any(canonicalize_name(owner) in distributions for owner in owners)
     }
+    assert THIS_PACKAGE in distributions
+    modules.add(THIS_PACKAGE)
     # Sanity: the closure reaches past direct dependencies (click comes with uvicorn).
     assert {"sqlalchemy", "click", "mako", "greenlet", "simplejson"} <= modules
     assert modules == listed("dependency_modules")

@@ -1,7 +1,8 @@
-"""The `poolwise` command: `fleet` sums declared budgets per cluster, `doctor` checks the server.
+"""The `poolwise` command: `budget` checks one service, `fleet` sums declared budgets per
+cluster, `doctor` checks the server.
 
-Exit codes, for CI jobs and schedules: 0 everything fits (or is healthy), 1 a cluster is over (or
-a finding), 2 an input could not be read (or the server could not be reached).
+Exit codes, for CI jobs and schedules: 0 everything fits (or is healthy), 1 a budget or a cluster
+is over (or a finding), 2 an input could not be read (or the server could not be reached).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__, allocations, fleet, services
+from . import __version__, allocations, deployed, fleet, services
 
 FITS, OVER, UNREADABLE = 0, 1, 2
 
@@ -23,6 +24,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"poolwise {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    budget_parser = commands.add_parser(
+        "budget",
+        help="print one service's connection budget, every variant of deploy/ with its inputs",
+        description=(
+            "PATH is a generated service or a directory inside one (default: the current"
+            " directory). Exit 0 when every variant fits, 1 when one is over, 2 when an input"
+            " cannot be read."
+        ),
+    )
+    budget_parser.add_argument("path", metavar="PATH", nargs="?", type=Path, default=Path())
 
     fleet_parser = commands.add_parser(
         "fleet",
@@ -140,6 +152,47 @@ def _fleet(args: argparse.Namespace) -> int:
     return FITS if all(cluster.fits for cluster in result) else OVER
 
 
+def _budget(args: argparse.Namespace) -> int:
+    """Each variant's table and inputs on stdout; what does not fit or cannot be read on stderr."""
+    start = args.path.resolve()
+    root = services.project_root(start)
+    if root is None:
+        print(
+            f"poolwise budget: {start}: no service at or above it (src/<package>/db/topology.toml);"
+            " give the path of a generated service",
+            file=sys.stderr,
+        )
+        return UNREADABLE
+    try:
+        project = services.project(root)
+        has_deploy = (root / "deploy").is_dir()
+        names = deployed.variants(root) if has_deploy else []
+        readings = [] if has_deploy else [deployed.read_declared(project)]
+    except (services.InputError, deployed.Unreadable, KeyError) as error:
+        print(f"poolwise budget: {root}: {error}", file=sys.stderr)
+        return UNREADABLE
+    if has_deploy and not names:
+        print(f"poolwise budget: {root}: deploy/ holds nothing to read", file=sys.stderr)
+        return UNREADABLE
+    if not has_deploy:
+        print(f"no deploy/ in {root}: checking the declared topology only")
+    status = FITS
+    for variant in names:
+        try:
+            readings.append(deployed.read_variant(root, variant, project))
+        except (deployed.Unreadable, deployed.ToolMissing, KeyError) as error:
+            # The other variants are still read and printed.
+            print(f"cannot read {variant}: {error}", file=sys.stderr)
+            status = UNREADABLE
+    for reading in readings:
+        print(reading.report(), end="\n\n")
+        problems = reading.problems()
+        for line in problems:
+            print(line, file=sys.stderr)
+        status = max(status, OVER if problems else FITS, UNREADABLE if reading.incomplete else FITS)
+    return status
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from . import doctor
 
@@ -148,6 +201,8 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "budget":
+        return _budget(args)
     if args.command == "fleet":
         return _fleet(args)
     return _doctor(args)

@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from . import allocations, budget, fleet, guardrail, services
+from . import allocations, fleet, guardrail, rule, services
 
 APPLICATION_NAME = "poolwise-doctor"
 HEALTHY, FINDINGS, UNREACHABLE = 0, 1, 2
@@ -374,7 +374,7 @@ def _connection_verdicts(cluster: fleet.Cluster, server: ServerState) -> list[Ve
             f"{service.name}: {_who_text(backends)}"
             + (f", {unnamed} of them unnamed PgBouncer server connections" if unnamed else "")
             + f" {'>' if over else '<='} {service.total} declared worst case"
-            f" ({budget.database_check(service.worst.topology, service.limits).hop},"
+            f" ({rule.database_check(service.worst.topology, service.limits).hop},"
             " migration included)"
         )
         if over:
@@ -645,7 +645,7 @@ def _pgbouncer_verdicts(cluster: fleet.Cluster, bouncer: PgBouncerState) -> list
             live = topology._replace(pool_mode=mode)
             if mode == "transaction" and _prepares_server_side(service) and max_prepared == 0:
                 breaks.append(
-                    budget.driver_error(live)
+                    rule.driver_error(live)
                     or f"psycopg generated for pool_mode={service.pool_mode} prepares"
                     " statements on the server, and transaction mode hands the next"
                     " statement another server connection; regenerate for transaction mode"

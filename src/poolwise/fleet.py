@@ -1,7 +1,7 @@
 """Every service that shares a PostgreSQL cluster, summed against what the cluster can give.
 
 Each service's worst case is what its own budget computes for the deployed variant that can open
-the most connections (db/budget.py's database hop: the app side, or PgBouncer's or RDS Proxy's
+the most connections (poolwise.rule's database hop: the app side, or PgBouncer's or RDS Proxy's
 server side, plus its migration). The cluster's limits come from the services' own
 database_limits.toml, or from a proposed limits file (the dry run of a limits change).
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from . import allocations, budget, guardrail
+from . import allocations, guardrail, rule
 from .services import InputError, Service
 
 
@@ -195,16 +195,16 @@ def clusters(services: list[Service], proposed: dict[str, Limits] | None = None)
 # ----------------------------------------------------------------------------- output
 
 
-def _hops(service: Service, cluster: Cluster) -> list[budget.Check]:
+def _hops(service: Service, cluster: Cluster) -> list[rule.Check]:
     reading = service.worst
     # Each hop against the service's allocation, or (without one) the rest of the cluster.
-    limits = budget.DatabaseLimits(
+    limits = rule.DatabaseLimits(
         cluster.limits.max_connections,
         cluster.limits.reserved_connections,
         allocations.shares(cluster).committed - service.total,
         allocations.allocation(service),
     )
-    return budget.checks(reading.topology, limits)
+    return rule.checks(reading.topology, limits)
 
 
 def text(result: list[Cluster]) -> str:

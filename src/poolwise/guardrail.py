@@ -16,7 +16,7 @@ from pathlib import Path
 
 from psycopg import sql
 
-from . import budget
+from . import rule
 from .services import InputError, Service
 
 # NAMEDATALEN - 1: PostgreSQL truncates a longer identifier (with only a NOTICE).
@@ -149,7 +149,7 @@ def create_or_alter_role(role: str, limit: int) -> str:
 
 def _term(service: Service) -> str:
     """`orders-api 51 (app -> database)`, or `allocation 60 (worst case 51, ...)` with one."""
-    hop = budget.database_check(service.worst.topology, service.limits).hop
+    hop = rule.database_check(service.worst.topology, service.limits).hop
     if service.limits.allocation:
         return (
             f"{comment(service.name)} allocation {service.limits.allocation}"

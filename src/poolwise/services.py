@@ -3,19 +3,20 @@
 A service is a directory with a `.copier-answers.yml` whose `src/<package>/db/` holds the budget
 rule. Services generated from 0.2.0 on declare their topology in `db/topology.toml`; older ones
 only in their answers, which are turned into the same data here. Either way `deploy/` is read by
-the loader every service ships (`deployed.py`, the same file as the services' own).
+poolwise.deployed, the one loader: `poolwise budget`, `fleet`, `doctor` and every service's
+generated budget test read it through `read_budget`.
 """
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import budget, deployed
+from . import declared as declared_files
+from . import deployed, rule
 
 ANSWERS_FILE = ".copier-answers.yml"
 # Directories never searched for services.
@@ -41,7 +42,7 @@ class Service:
     pool_mode: str
     cluster: str
     role: str
-    limits: budget.DatabaseLimits
+    limits: rule.DatabaseLimits
     external_consumers: dict[str, int]
     template_version: str
     readings: list[deployed.Reading] = field(default_factory=list)
@@ -58,7 +59,7 @@ class Service:
         return max(self.readings, key=lambda reading: self.database_total(reading))
 
     def database_total(self, reading: deployed.Reading) -> int:
-        return budget.database_check(reading.topology, reading.limits).total
+        return rule.database_check(reading.topology, reading.limits).total
 
     @property
     def total(self) -> int:
@@ -134,8 +135,21 @@ def _declared_from_answers(answers: dict[str, Any]) -> dict[str, Any]:
     return declared
 
 
-def load(root: Path) -> Service:
-    """Read one service: answers, limits, and every variant of deploy/ through the loader."""
+def project_root(start: Path) -> Path | None:
+    """The service directory at or above start: it holds src/<package>/db/ and its answers."""
+    for directory in (start, *start.parents):
+        if list(directory.glob("src/*/db/topology.toml")) or (
+            (directory / ANSWERS_FILE).is_file()
+            and list(directory.glob("src/*/db/database_limits.toml"))
+        ):
+            return directory
+    return None
+
+
+def project(root: Path) -> deployed.Project:
+    """A service's declared facts: db/topology.toml, or its answers before 0.2.0 wrote one."""
+    if list(root.glob("src/*/db/topology.toml")):
+        return deployed.Project.at(root)
     try:
         answers = yaml.safe_load((root / ANSWERS_FILE).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
@@ -146,38 +160,67 @@ def load(root: Path) -> Service:
             f"{root}: not a poolwise service ({ANSWERS_FILE} without a target, or no"
             " src/<package>/db/database_limits.toml)"
         )
-    limits_file = limits_files[0]
-    package = limits_file.parent.parent.name
-    data = tomllib.loads(limits_file.read_text())
-    database = data.get("database", {})
+    package = limits_files[0].parent.parent.name
+    return deployed.Project(
+        root, package, _declared_from_answers(answers), declared_file=ANSWERS_FILE
+    )
+
+
+def read_budget(root: Path) -> tuple[deployed.Project, list[deployed.Reading]]:
+    """A service's declared facts and its budget, one reading per variant of deploy/.
+
+    The one entry point for a service's budget: its worst case is the reading with the largest
+    ``rule.database_check(reading.topology, reading.limits).total`` (``Service.worst``).
+    Raises InputError, naming the file, when anything cannot be read.
+    """
     try:
-        if (root / "src" / package / "db" / "topology.toml").is_file():
-            project = deployed.Project.at(root)
-        else:
-            project = deployed.Project(
-                root, package, _declared_from_answers(answers), declared_file=ANSWERS_FILE
-            )
+        found = project(root)
         readings = [
-            deployed.read_variant(root, variant, project) for variant in deployed.variants(root)
+            deployed.read_variant(root, variant, found) for variant in deployed.variants(root)
         ]
     except (deployed.Unreadable, deployed.ToolMissing, KeyError) as error:
         raise InputError(f"{root}: {error}") from None
     if not readings:
         raise InputError(f"{root}: deploy/ holds nothing to read (no kustomization, no SAM)")
-    declared = project.declared
+    return found, readings
+
+
+def load(root: Path) -> Service:
+    """Read one service: answers, limits, and every variant of deploy/ through the loader."""
+    try:
+        answers = yaml.safe_load((root / ANSWERS_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise InputError(f"{root / ANSWERS_FILE}: cannot be read ({error})") from None
+    if (
+        not isinstance(answers, dict)
+        or "target" not in answers
+        or not list(root.glob("src/*/db/database_limits.toml"))
+    ):
+        raise InputError(
+            f"{root}: not a poolwise service ({ANSWERS_FILE} without a target, or no"
+            " src/<package>/db/database_limits.toml)"
+        )
+    found, readings = read_budget(root)
+    limits_file = found.root / found.limits_file
+    try:
+        data = declared_files.read_data_file(limits_file, found.limits_file)
+    except deployed.Unreadable as error:
+        raise InputError(f"{root}: {error}") from None
+    database = data.get("database", {})
+    declared = found.declared
     return Service(
         root=root,
         name=declared["service"]["name"],
-        package=package,
+        package=found.package,
         target=declared["service"]["target"],
         pooler=declared["service"]["pooler"],
         driver=declared["service"]["driver"],
         pool_mode=declared.get("pgbouncer", {}).get("pool_mode", ""),
         cluster=database.get("cluster") or answers.get("db_cluster") or DEFAULT_CLUSTER,
-        role=database.get("role") or package,
-        limits=budget.load_limits(limits_file),
+        role=database.get("role") or found.package,
+        limits=readings[0].limits,
         external_consumers=dict(data.get("external_consumers", {})),
         template_version=str(answers.get("_commit", "")),
         readings=readings,
-        declared_in=project.topology_file,
+        declared_in=found.topology_file,
     )

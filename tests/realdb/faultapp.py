@@ -28,7 +28,7 @@ def create_app() -> FastAPI:
     app = importlib.import_module(f"{package}.app").create_app()
     session_dep = importlib.import_module(f"{package}.dependencies").SessionDep
     route_class = importlib.import_module(f"{package}.routing").SessionRoute
-    declared = importlib.import_module(f"{package}.db.budget").load_declared()
+    declared = importlib.import_module(f"{package}.settings").DECLARED
     router = APIRouter(prefix="/fault", route_class=route_class)
 
     if declared["service"]["target"] == "k8s-async":

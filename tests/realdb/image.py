@@ -365,7 +365,7 @@ class ShippedImage:
             raise DockerfileError(f"build WORKDIR {self._workdir(build)} holds the venv")
         # This machine's pip configuration (index, certificates) with the stage's ENV on top;
         # pip's cache cannot change what is built, and saves CI a download of setuptools.
-        env = env_of(build, rendering.clean_env(PATH=IMAGE_PATH))
+        env = env_of(build, rendering.clean_env(with_poolwise=False, PATH=IMAGE_PATH))
         env.pop("PIP_NO_CACHE_DIR", None)
         for run in build.all("RUN"):
             if VENV_RUN.match(run.arguments):

@@ -92,7 +92,7 @@ class RenderedProject:
         return proc
 
     def budget(self, **workload_overrides: int) -> dict[str, Any]:
-        """The project's own db/budget.py numbers for the one pod the harness runs.
+        """poolwise's budget numbers of the project for the one pod the harness runs.
 
         The declared topology (db/topology.toml) with one pod and no rollout (nothing is
         terminating), plus overrides of its workload's fields: ``per_process``, ``processes``,
@@ -101,8 +101,10 @@ class RenderedProject:
         """
         code = f"""
             import json
-            from {self.package}.db import budget
-            declared = budget.declared_topology(budget.load_declared())
+            from pathlib import Path
+            from poolwise import declared as files, rule
+            db = Path("src/{self.package}/db")
+            declared = files.declared_topology(files.load_declared(db / "topology.toml"))
             overrides = {{"terminating": 0, **{workload_overrides!r}}}
             workload = declared.workloads[0]._replace(**overrides)
             topology = declared._replace(workloads=(workload,))
@@ -110,7 +112,9 @@ class RenderedProject:
                 "per_process": workload.per_process,
                 "processes": workload.processes,
                 "app_total": topology.app_total,
-                "database_total": budget.database_check(topology, budget.load_limits()).total,
+                "database_total": rule.database_check(
+                    topology, files.load_limits(db / "database_limits.toml")
+                ).total,
                 "pgbouncer_default_pool_size": topology.pgbouncer_default_pool_size,
                 "pgbouncer_max_client_conn": topology.pgbouncer_max_client_conn,
                 "pool_size": workload.pool_size,

@@ -62,7 +62,7 @@ def test_peak_connections_stay_within_the_budget_under_load(
     print(f"{name}: {result.summary()}; peak {sampler.peak} of budget {budget['app_total']}")
 
     assert sampler.errors == 0 and len(sampler.samples) >= SECONDS * 5, sampler.samples
-    # The database never saw more connections than db/budget.py allows this replica...
+    # The database never saw more connections than poolwise.rule allows this replica...
     assert sampler.peak <= budget["app_total"], (sampler.peak, budget)
     # ...and the load really reached the pools: more than one process's worth (sync, 2
     # workers) or more than pool_size, i.e. into max_overflow (async).

@@ -1,1 +1,1 @@
-"""Engine, sessions and the connection budget."""
+"""Engine, sessions and the start-up guard of the connection budget."""

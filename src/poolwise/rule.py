@@ -1,22 +1,17 @@
-"""The connection budget: the most PostgreSQL connections this service can open at once.
+"""The connection budget rule: the most PostgreSQL connections a service can open at once.
 
-This module is the rule and nothing else: it imports no generated code and reads no deployment
-file. The facts it works on are data: db/topology.toml (what the service was generated for),
-db/database_limits.toml (what the database can give it) and, once deployed, what
-db/deployed.py reads from deploy/. The template's copier validators mirror this rule in Jinja
-(so `copier copy` needs no --trust) and the template's tests prove the two agree.
-
-Run ``python -m <package>.db.budget`` for the table; it exits 1 when the budget does not fit.
+Pure code: it reads no file and imports nothing of a service. Its inputs are the records below,
+which poolwise.declared builds from a service's db/topology.toml and db/database_limits.toml
+and poolwise.deployed from what deploy/ would apply. The template's copier validators mirror
+this rule in Jinja (includes/budget.jinja, so `copier copy` needs no --trust) and the
+template's tests prove the two agree (tests/test_budget_mirror.py).
 """
 
 from __future__ import annotations
 
 import math
 import re
-import sys
-import tomllib
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 # Alembic runs as one NullPool connection (the migration Job, or a one-off task) next to the app.
 MIGRATION_CONNECTIONS = 1
@@ -95,7 +90,7 @@ def workers_in_command(argv: list[str], env: dict[str, str] | None = None) -> in
     """
     tokens = [str(token) for token in argv]
     if tokens and tokens[0] in SHELLS and "-c" in tokens[:-1]:
-        import shlex  # only a shell command line needs it; not imported at every start-up
+        import shlex  # only a shell command line needs it
 
         tokens = shlex.split(tokens[tokens.index("-c") + 1])
     found: str | None = None
@@ -122,9 +117,8 @@ def workers_in_command(argv: list[str], env: dict[str, str] | None = None) -> in
         raise ValueError(f"--workers {found!r} is not a whole number") from None
 
 
-# The records below are NamedTuples, not frozen dataclasses: a Lambda imports this module on
-# every cold start, where defining four frozen dataclasses cost 14 M instructions, the largest
-# share of the generated handler's import (bench/RESULTS.md, cold start).
+# The records below are NamedTuples: immutable, and `_replace` gives a changed copy (the tests
+# swap one field of a declared topology).
 class DatabaseLimits(NamedTuple):
     """What PostgreSQL can give this service; owned by the platform team.
 
@@ -420,88 +414,3 @@ def render_table(topology: Topology, limits: DatabaseLimits) -> str:
     for check in checks(topology, limits):
         rows.append(f"  [{'ok' if check.fits else 'OVER'}] {check.line()}")
     return "\n".join(rows)
-
-
-# ----------------------------------------------------------------------------- the data files
-
-
-def _data_file(name: str, path: Path | None) -> dict[str, Any]:
-    # The data files are installed beside this module (package-data): read them as files, which
-    # spares every start-up the import of importlib.resources' readers.
-    return tomllib.loads((Path(__file__).with_name(name) if path is None else path).read_text())
-
-
-def load_limits(path: Path | None = None) -> DatabaseLimits:
-    """Read the platform team's database limits (database_limits.toml beside this module)."""
-    data = _data_file("database_limits.toml", path)["database"]
-    # A file with an allocation needs no other_consumers; one without (0.1.0, 0.2.0) needs it.
-    allocation = data.get("allocation", 0)
-    return DatabaseLimits(
-        max_connections=data["max_connections"],
-        reserved_connections=data["reserved_connections"],
-        other_consumers=data.get("other_consumers", 0) if allocation else data["other_consumers"],
-        allocation=allocation,
-    )
-
-
-def load_declared(path: Path | None = None) -> dict[str, Any]:
-    """The service's declared topology (topology.toml beside this module), as data."""
-    return _data_file("topology.toml", path)
-
-
-def declared_workload(declared: dict[str, Any]) -> Workload:
-    """The one workload the service was generated with, from topology.toml."""
-    service, pool, processes = declared["service"], declared["pool"], declared["processes"]
-    target = service["target"]
-    common = {
-        "null_pool": pool["null_pool"],
-        "pool_size": pool.get("pool_size", 0),
-        "max_overflow": pool.get("max_overflow", 0),
-    }
-    if target == "lambda":
-        return Workload(kind="lambda", replicas=processes["lambda_reserved_concurrency"], **common)
-    if target == "batch":
-        return Workload(
-            kind="batch",
-            replicas=processes["batch_parallelism"],
-            runs=CONCURRENT_RUNS[processes["batch_concurrency_policy"]],
-            processes_per_pod=processes["batch_processes"],
-            **common,
-        )
-    replicas, surge = processes["replicas_max"], processes["max_surge"]
-    return Workload(
-        kind="k8s",
-        replicas=replicas,
-        max_surge=surge,
-        # The rendered Deployment waits minReadySeconds >= terminationGracePeriodSeconds, and
-        # its maxUnavailable is 0 with a surge (else 1): one step's old pods still terminate.
-        terminating=min(replicas, surge + (0 if surge > 0 else 1)),
-        processes_per_pod=processes["workers_per_pod"],
-        **common,
-    )
-
-
-def declared_topology(declared: dict[str, Any]) -> Topology:
-    """The topology the service was generated for, before anything in deploy/ is read."""
-    service = declared["service"]
-    pgbouncer = declared.get("pgbouncer", {})
-    return Topology(
-        target=service["target"],
-        workloads=(declared_workload(declared),),
-        pooler=service["pooler"],
-        pool_mode=pgbouncer.get("pool_mode", "transaction"),
-        driver=service["driver"],
-        pgbouncer_default_pool_size=pgbouncer.get("default_pool_size", 20),
-        pgbouncer_reserve_pool_size=pgbouncer.get("reserve_pool_size", 0),
-        pgbouncer_max_client_conn=pgbouncer.get("max_client_conn", 0),
-        rds_proxy_max_connections_percent=declared.get("rds_proxy", {}).get(
-            "max_connections_percent", 100
-        ),
-    )
-
-
-if __name__ == "__main__":
-    # The command reads what is deployed when deploy/ is there: db/deployed.py owns that.
-    from .deployed import main
-
-    sys.exit(main())

@@ -1,0 +1,108 @@
+"""A service's declared facts: db/topology.toml and db/database_limits.toml, as the rule's records.
+
+Both files carry `schema = 1` at the top since 0.3.0. A file without it is read as 0.2.0 wrote
+it (the same tables); services from 0.1.0 have no topology.toml and are declared from their
+answers (poolwise.services). Any other schema is refused with the file, the version found and
+the fix, never guessed at.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .errors import Unreadable
+from .rule import CONCURRENT_RUNS, DatabaseLimits, Topology, Workload
+
+# The layout of both data files this release writes and reads; None is 0.2.0's (no key).
+SCHEMA = 1
+READABLE_SCHEMAS = (None, SCHEMA)
+
+
+def read_data_file(path: Path, relative: str | None = None) -> dict[str, Any]:
+    """One data file as a table, after checking its schema; Unreadable names what is wrong."""
+    where = relative or str(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as error:
+        raise Unreadable(f"{where}: cannot be read ({error.strerror}); restore it") from None
+    except tomllib.TOMLDecodeError as error:
+        raise Unreadable(f"{where}: not valid TOML ({error}); fix the file") from None
+    found = data.get("schema")
+    if found not in READABLE_SCHEMAS:
+        raise Unreadable(
+            f"{where}: schema = {found!r} -> this poolwise reads schema {SCHEMA} and files"
+            " without one (0.2.0); install the poolwise release the service pins in"
+            " pyproject.toml, or fix the value"
+        )
+    return data
+
+
+def load_limits(path: Path, relative: str | None = None) -> DatabaseLimits:
+    """The platform team's database limits (a service's db/database_limits.toml)."""
+    data = read_data_file(path, relative)["database"]
+    # A file with an allocation needs no other_consumers; one without (0.1.0, 0.2.0) needs it.
+    allocation = data.get("allocation", 0)
+    return DatabaseLimits(
+        max_connections=data["max_connections"],
+        reserved_connections=data["reserved_connections"],
+        other_consumers=data.get("other_consumers", 0) if allocation else data["other_consumers"],
+        allocation=allocation,
+    )
+
+
+def load_declared(path: Path, relative: str | None = None) -> dict[str, Any]:
+    """A service's declared topology (its db/topology.toml), as data."""
+    return read_data_file(path, relative)
+
+
+def declared_workload(declared: dict[str, Any]) -> Workload:
+    """The one workload the service was generated with, from topology.toml."""
+    service, pool, processes = declared["service"], declared["pool"], declared["processes"]
+    target = service["target"]
+    common = {
+        "null_pool": pool["null_pool"],
+        "pool_size": pool.get("pool_size", 0),
+        "max_overflow": pool.get("max_overflow", 0),
+    }
+    if target == "lambda":
+        return Workload(kind="lambda", replicas=processes["lambda_reserved_concurrency"], **common)
+    if target == "batch":
+        return Workload(
+            kind="batch",
+            replicas=processes["batch_parallelism"],
+            runs=CONCURRENT_RUNS[processes["batch_concurrency_policy"]],
+            processes_per_pod=processes["batch_processes"],
+            **common,
+        )
+    replicas, surge = processes["replicas_max"], processes["max_surge"]
+    return Workload(
+        kind="k8s",
+        replicas=replicas,
+        max_surge=surge,
+        # The rendered Deployment waits minReadySeconds >= terminationGracePeriodSeconds, and
+        # its maxUnavailable is 0 with a surge (else 1): one step's old pods still terminate.
+        terminating=min(replicas, surge + (0 if surge > 0 else 1)),
+        processes_per_pod=processes["workers_per_pod"],
+        **common,
+    )
+
+
+def declared_topology(declared: dict[str, Any]) -> Topology:
+    """The topology the service was generated for, before anything in deploy/ is read."""
+    service = declared["service"]
+    pgbouncer = declared.get("pgbouncer", {})
+    return Topology(
+        target=service["target"],
+        workloads=(declared_workload(declared),),
+        pooler=service["pooler"],
+        pool_mode=pgbouncer.get("pool_mode", "transaction"),
+        driver=service["driver"],
+        pgbouncer_default_pool_size=pgbouncer.get("default_pool_size", 20),
+        pgbouncer_reserve_pool_size=pgbouncer.get("reserve_pool_size", 0),
+        pgbouncer_max_client_conn=pgbouncer.get("max_client_conn", 0),
+        rds_proxy_max_connections_percent=declared.get("rds_proxy", {}).get(
+            "max_connections_percent", 100
+        ),
+    )
