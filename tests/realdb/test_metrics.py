@@ -20,8 +20,9 @@ bound comes from what this run measured, so it holds on a loaded machine:
 - "the pool is saturated" is polled until the first waiter can have timed out (pool_timeout
   after the requests were sent), and "every waiter timed out" until the held statements can
   have been cancelled (statement_timeout after they were sent);
-- totals are read once every worker has published after the requests ended (their metrics
-  files in METRICS_DIR, set by the test, are newer than that moment), not after a sleep;
+- totals are read once every client has its answer: each worker writes a checkout's numbers
+  (prometheus_client's multiprocess files, summed by the pod's metrics server) before the
+  request's response is sent, so no wait for a worker to publish is needed;
 - use_time's sum lies between the time each held request certainly held its connection (from
   the moment the test saw all of them checked out to the moment it released the lock) and the
   held requests' summed latency.
@@ -63,9 +64,6 @@ pytestmark = [
 
 # Clients beyond the pod's connections: they wait for pool_timeout, then get 503.
 EXTRA_CLIENTS = 6
-# Bound of a poll for the workers' metrics files (a worker publishes every second): how long
-# to look before failing, never a tolerance of a comparison.
-PUBLISHED_WITHIN_S = 30.0
 
 
 def scrape(service: ServiceProcess) -> dict[str, float]:
@@ -122,32 +120,6 @@ TOTALS = (
 )
 
 
-def settled(service: ServiceProcess, metrics_dir: Path, workers: int) -> dict[str, float]:
-    """A scrape that holds every observation made before this call, in every worker.
-
-    With one worker, uvicorn runs in the process that serves metrics, which collects it afresh
-    on every scrape. With several, the metrics server sums the files the workers last published,
-    so wait until each worker's file is newer than this call and carries its pool (a worker
-    still starting up publishes once before its engine is instrumented). mtime comes from the
-    kernel's coarse clock, which lags time.time(): a newer mtime means a later write.
-    """
-    if workers == 1:
-        return scrape(service)
-    since = time.time()
-
-    def published() -> bool:
-        files = list(metrics_dir.glob("*.json"))
-        return len(files) == workers and all(
-            path.stat().st_mtime > since and service.application_name in path.read_text()
-            for path in files
-        )
-
-    if not wait_until(published, PUBLISHED_WITHIN_S, interval=0.1):
-        ages = {path.name: path.stat().st_mtime - since for path in metrics_dir.glob("*.json")}
-        raise AssertionError(f"not every worker published in {PUBLISHED_WITHIN_S} s: {ages}")
-    return scrape(service)
-
-
 def backends(database: PostgresCluster, application_name: str) -> tuple[int, int]:
     """(active, all) client backends of the service in pg_stat_activity."""
     [(active, total)] = database.psql(
@@ -170,23 +142,14 @@ def test_exported_pool_metrics_match_the_pool_past_its_capacity(
     database: PostgresCluster,
     services: Callable[..., ServiceProcess],
     app_name: Callable[[str], str],
-    tmp_path: Path,
 ) -> None:
     rendered = project(name)
     settings = rendered.settings()
     capacity = settings["pool_size"] + settings["max_overflow"]
     pool_timeout = settings["pool_timeout"]
     statement_timeout = settings["statement_timeout"]
-    # Set here (a server started outside `python -m` must set it too), so the test sees when
-    # each worker last published.
-    metrics_dir = tmp_path / "metrics"
-    metrics_dir.mkdir()
     service = services(
-        rendered,
-        database.dsn(driver=""),
-        app_name(f"metrics-{name}"),
-        WEB_CONCURRENCY=workers,
-        METRICS_DIR=metrics_dir,
+        rendered, database.dsn(driver=""), app_name(f"metrics-{name}"), WEB_CONCURRENCY=workers
     )
     [item] = seed_items(service, 1, "metered")
     sent = workers * capacity + EXTRA_CLIENTS
@@ -199,13 +162,13 @@ def test_exported_pool_metrics_match_the_pool_past_its_capacity(
     processes = [service.pid, *service.children()]
     assert len(processes) > (workers if workers > 1 else 0), processes  # the workers are there
     assert listening(processes, service.metrics_port) == [service.pid], processes
-    # Every worker serves requests before the measurement, so each has published its pool and
+    # Every worker serves requests before the measurement, so each has instrumented its pool and
     # paid its one-time costs (first imports on the request path) outside the measured requests.
     warm = load(
         service.port, repeat_get(f"/items/{item}"), clients=sent, duration=1, max_requests=200
     )
     assert warm.ok() and not warm.failed(), warm.summary()
-    before = settled(service, metrics_dir, workers)
+    before = scrape(service)
     assert before["db_client_connection_max"] == workers * capacity  # every worker is counted
     assert before["db_client_connection_idle_max"] == workers * settings["pool_size"]
     report: dict[str, object] = {"sent": sent}
@@ -267,7 +230,7 @@ def test_exported_pool_metrics_match_the_pool_past_its_capacity(
     assert len(ok) + len(rejected) == sent, result.summary()
     assert len(ok) == holding, result.summary()
 
-    after = settled(service, metrics_dir, workers)
+    after = scrape(service)
     _, total = backends(database, service.application_name)
     delta = {name: after[name] - before.get(name, 0) for name in TOTALS}
     report["after"] = {**delta, "used": used(after), "idle": idle(after), "pg_total": total}
