@@ -205,11 +205,14 @@ def test_a_roles_connection_limit_stops_a_service_past_its_allocation(
         assert len(records) == PODS_RUN * PER_POD
         assert len(ok) == ALLOCATIONS["orders-api"], [r.status for r in records]
         assert len(failed) == PODS_RUN * PER_POD - ALLOCATIONS["orders-api"]
+        # Refused past the share: 503 with Retry-After (db/outage.py), like a saturated pool.
+        assert {record.status for record in failed} == {503}, [r.body[:200] for r in failed]
         refusals = [
             line
             for pod in pods
             for line in pod.log().splitlines()
-            if 'too many connections for role "orders_api"' in line
+            if "database refused a new connection" in line
+            and 'too many connections for role "orders_api"' in line
         ]
         assert refusals, "\n".join(pod.log()[-2000:] for pod in pods)
         # The other service kept working and serves its reads once the lock is gone.
