@@ -10,14 +10,39 @@ test; they are listed so the platform team can give them one (`--suggest-allocat
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .services import InputError, Service
 
-if TYPE_CHECKING:  # fleet imports this module; the cluster is only read here
-    from .fleet import Cluster
+
+class ClusterLimits(Protocol):
+    """What a cluster gives its services (fleet.Limits)."""
+
+    @property
+    def max_connections(self) -> int: ...
+    @property
+    def reserved_connections(self) -> int: ...
+    @property
+    def available(self) -> int: ...
+
+
+class Cluster(Protocol):
+    """The cluster as the fleet reads it (fleet.Cluster): this module only reads it, and fleet
+    imports this module, so it names what it reads instead of importing fleet."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def limits(self) -> ClusterLimits: ...
+    @property
+    def services(self) -> list[Service]: ...
+    @property
+    def external_total(self) -> int: ...
+    def shrink_first(self) -> list[Service]: ...
+
 
 # A role or a service at this share of its allocation or more is reported by doctor as near it.
 NEAR = 0.9
@@ -227,7 +252,5 @@ def suggestion_yaml(result: list[Cluster]) -> str:
 
 def _yaml_key(name: str) -> str:
     """A project_name as a YAML key: plain when it is (names are letters, digits, ' ._-')."""
-    import json
-
     plain = name[:1].isalpha() and all(ch.isalnum() or ch in "._-" for ch in name)
     return name if plain else json.dumps(name)
