@@ -142,24 +142,31 @@ def main() -> None:
         )
         base = baseline(shape, work, args.rounds)
         print(f"baseline: {base[0]:.1f} s wall, {base[1]:.1f} s CPU", flush=True)
-        rows = []
+        rows: list[tuple[int, float, float]] = []
         for count in sizes:
             directory = fleet(shape, work / f"fleet-{count}", count)
             wall, cpu = plan(directory, count)
             rows.append((count, wall, cpu))
             print(f"{count} services: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
             shutil.rmtree(directory)
+            # Written after each size, so a long run leaves what it measured.
+            report(args, base, rows)
+
+
+def report(
+    args: argparse.Namespace, base: tuple[float, float], rows: list[tuple[int, float, float]]
+) -> None:
     load = os.getloadavg()
     header = [
         BEGIN,
         f"Command: `.venv/bin/python bench/update_plan.py --sizes {args.sizes}"
         f" --rounds {args.rounds}`, {dt.date.today()}, {platform.platform()},"
-        f" {os.cpu_count()} CPUs, Python {platform.python_version()}; load average at the"
-        f" end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min).",
+        f" {os.cpu_count()} CPUs, Python {platform.python_version()}; load average when the"
+        f" last size ended {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min).",
         "",
     ]
     lines = [*header, *table(base, rows), END]
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
     if args.write:
         text = RESULTS.read_text()
         if BEGIN in text:

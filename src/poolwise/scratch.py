@@ -79,17 +79,32 @@ class Template:
 
     def git_config(self) -> dict[str, str]:
         """Environment that makes git fetch `source` from the local copy (git >= 2.31)."""
-        return {
-            "GIT_CONFIG_COUNT": "1",
-            "GIT_CONFIG_KEY_0": f"url.{self.copy}.insteadOf",
-            "GIT_CONFIG_VALUE_0": self.source,
-        }
+        env = {}
+        urls = git_urls(self.source)
+        for index, url in enumerate(urls):
+            env[f"GIT_CONFIG_KEY_{index}"] = f"url.{self.copy}.insteadOf"
+            env[f"GIT_CONFIG_VALUE_{index}"] = url
+        return {"GIT_CONFIG_COUNT": str(len(urls)), **env}
+
+
+def git_urls(source: str) -> list[str]:
+    """`_src_path` as written and as copier hands it to git (its gh:/gl: aliases, https + .git)."""
+    urls = [source]
+    for alias, host in (("gh:", "https://github.com/"), ("gl:", "https://gitlab.com/")):
+        if source.startswith(alias):
+            path = source.removeprefix(alias).lstrip("/")
+            urls.append(host + (path if path.endswith(".git") else path + ".git"))
+    if source.startswith("git+"):
+        urls.append(source.removeprefix("git+"))
+    if source.startswith("https://") and not source.endswith(".git"):
+        urls.append(source + ".git")
+    return urls
 
 
 def clone_template(source: str, ref: str, destination: Path) -> Template:
     """A bare clone of the template (tags included) and REF's commit in it."""
     result = subprocess.run(
-        ["git", "clone", "--quiet", "--bare", "--", source, str(destination)],
+        ["git", "clone", "--quiet", "--bare", "--", git_urls(source)[-1], str(destination)],
         capture_output=True,
         text=True,
         check=False,

@@ -163,9 +163,17 @@ def _parallel(work: Callable[[T], R], items: Iterable[T], jobs: int) -> list[R]:
         return list(pool.map(work, items))
 
 
+def _load(checkout: scratch.Checkout, root: Path) -> Service:
+    """services.load on the scratch copy; an error names the team's path, not the copy."""
+    try:
+        return services.load(checkout.root)
+    except InputError as error:
+        raise InputError(str(error).replace(str(checkout.root), str(root))) from None
+
+
 def _read_before(root: Path, workdir: Path, index: int) -> Planned:
     checkout = scratch.clone_service(root, workdir / "services" / f"{index:04d}")
-    before = services.load(checkout.root)
+    before = _load(checkout, root)
     answers = _answers(checkout.root)
     return Planned(root, checkout, before, from_ref=str(answers.get("_commit", "")))
 
@@ -198,7 +206,7 @@ def _update(
     ]
     planned.to_ref = str(_answers(root).get("_commit", ""))
     try:
-        planned.after = services.load(root)
+        planned.after = _load(planned.checkout, planned.path)
     except InputError as error:
         if not planned.conflicts:
             planned.after_error = str(error)
@@ -404,7 +412,7 @@ def text(result: Plan) -> str:
             + (f"; moved by {moved}" if moved else "; no service moves it")
         )
     lines.append("")
-    for wave in result.waves:
+    for wave in result.waves if len(result.waves) > 1 else []:
         names = ", ".join(planned.name for planned in wave.members)
         lines.append(f"wave {wave.name}: {names}")
         totals = ", ".join(
@@ -413,7 +421,8 @@ def text(result: Plan) -> str:
             for total in wave.totals
         )
         lines.append(f"  after it: {totals}")
-    lines.append("")
+    if len(result.waves) > 1:
+        lines.append("")
     width = max(len(planned.name) for planned in result.services)
     for planned in sorted(result.services, key=lambda p: (p.cluster, p.name)):
         after = _number(planned.after.total if planned.after else None)
