@@ -127,6 +127,7 @@ def main() -> None:
     sizes = [int(size) for size in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="poolwise-bench-update-") as tmp:
         work = Path(tmp)
+        (work / "template").mkdir()
         template = make_template_releases(work / "template" / "poolwise")
         placeholder, _, placeholder_db = PLACEHOLDER
         shape = generate(

@@ -309,8 +309,9 @@ def test_a_release_that_raises_a_pool_size_overflows_one_cluster(
         commit(project, "poolwise: the template moved")
     before = snapshot(services)
 
-    result = poolwise("update-plan", "--to", "v0.4.0", services, cwd=services)
+    result = poolwise("update-plan", "--to", "v0.4.0", "--waves", "3", services, cwd=services)
 
+    print(result.stdout)  # the plan a platform team reads: shown by pytest -rP
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr == ""
     grown = ORDERS_DB_TOTAL + RESERVE_POOL_SIZE * len(BEHIND_PGBOUNCER)
@@ -336,11 +337,12 @@ def test_a_team_edit_that_conflicts_is_named_with_its_hunks(services: Path) -> N
     route = ORDERS_ROUTE.format(asynchronous="", awaited="")
     edit(app, replace_once(r"^def read_item\(.*\n(    .*\n|\n(?=    ))*", r"\g<0>" + route))
     commit(project, "our orders route")
-    chosen = [services / "orders-api", services / "pricing-api"]
+    chosen = [services / "orders-api", services / "catalog-api"]
     before = snapshot(services)
 
     result = poolwise("update-plan", "--to", "v0.3.0", *chosen, cwd=services)
 
+    print(result.stdout)
     assert result.returncode == 1, result.stdout + result.stderr
     conflicted = f"src/{package(project)}/app.py"
     assert f"CONFLICT in {conflicted}" in result.stdout
@@ -351,10 +353,18 @@ def test_a_team_edit_that_conflicts_is_named_with_its_hunks(services: Path) -> N
     assert result.stdout.rstrip().endswith("not clean: orders-api")
     assert snapshot(services) == before
 
-    code, plan = plan_json(services, "v0.3.0", *map(str, chosen))
+    # The same plan as JSON, in the waves the platform file names (services it does not name
+    # go last).
+    platform = services.parent / "orders-db.yml"
+    platform.write_text("db_cluster: orders-db\nrollout_waves:\n  catalog-api: canary\n")
+    code, plan = plan_json(services, "v0.3.0", "--platform", str(platform), *map(str, chosen))
     assert code == 1
+    assert [(wave["name"], wave["services"]) for wave in plan["waves"]] == [
+        ("canary", ["catalog-api"]),
+        ("rest", ["orders-api"]),
+    ]
     conflicts = {s["name"]: s["conflicts"] for s in plan["services"]}
-    assert conflicts["pricing-api"] == []
+    assert conflicts["catalog-api"] == []
     [conflict] = conflicts["orders-api"]
     assert conflict["file"] == conflicted
     assert conflict["hunks"][0]["team"][0] == "from . import items, orders"

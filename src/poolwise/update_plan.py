@@ -33,6 +33,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 # copier's exit code when a release needs --trust (its _migrations run template code).
 COPIER_NEEDS_TRUST = 4
+# One service's update takes seconds; an hour means copier hangs (a prompt, a lock, a network).
+COPIER_TIMEOUT = 3600
 TEST_COMMAND = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
 WAVES_KEY = "rollout_waves"
 UNNAMED_WAVE = "rest"
@@ -191,7 +193,21 @@ def _update(
     argv = [*copier, "update", "--defaults", "--quiet", "--conflict", "inline"]
     argv += ["--vcs-ref", template.commit, *(["--trust"] if trust else [])]
     env = {**os.environ, **template.git_config(), "COPIER_CACHE_DIR": str(cache)}
-    result = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, check=False)
+    try:
+        result = subprocess.run(
+            argv,
+            cwd=root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=COPIER_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        planned.refused = f"copier update did not finish within {COPIER_TIMEOUT} s"
+        planned.to_ref = planned.from_ref
+        return planned
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no message"])[-1]
         if result.returncode == COPIER_NEEDS_TRUST:
@@ -218,7 +234,13 @@ def _update(
 def _run_tests(root: Path, timeout: float) -> str:
     try:
         result = subprocess.run(
-            TEST_COMMAND, cwd=root, capture_output=True, text=True, timeout=timeout, check=False
+            TEST_COMMAND,
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         return f"failed (still running after {timeout:.0f} s)"
