@@ -346,10 +346,12 @@ def test_a_team_edit_that_conflicts_is_named_with_its_hunks(services: Path) -> N
     assert result.returncode == 1, result.stdout + result.stderr
     conflicted = f"src/{package(project)}/app.py"
     assert f"CONFLICT in {conflicted}" in result.stdout
-    assert f"    conflict in {conflicted}:\n      team:    from . import items, orders\n" in (
-        result.stdout
-    )
-    assert "      release: from . import " in result.stdout
+    # Each hunk's first lines: the team's import line, then the release's.
+    assert (
+        f"    conflict in {conflicted}:\n      hunk 1\n"
+        "      team:    from . import items, orders, prometheus\n"
+        "      release: from . import items\n"
+    ) in result.stdout
     assert result.stdout.rstrip().endswith("not clean: orders-api")
     assert snapshot(services) == before
 
@@ -367,7 +369,10 @@ def test_a_team_edit_that_conflicts_is_named_with_its_hunks(services: Path) -> N
     assert conflicts["catalog-api"] == []
     [conflict] = conflicts["orders-api"]
     assert conflict["file"] == conflicted
-    assert conflict["hunks"][0]["team"][0] == "from . import items, orders"
+    assert conflict["hunks"][0] == {
+        "team": ["from . import items, orders, prometheus"],
+        "release": ["from . import items"],
+    }
 
 
 def test_an_unreadable_service_stops_the_plan_before_any_update(services: Path) -> None:

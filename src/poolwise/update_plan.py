@@ -456,7 +456,8 @@ def text(result: Plan) -> str:
             lines.append(f"    {variant}: {_number(before)} -> {_number(after_total)}")
         for conflict in planned.conflicts:
             lines.append(f"    conflict in {conflict.file}:")
-            for ours, theirs in conflict.hunks:
+            for number, (ours, theirs) in enumerate(conflict.hunks, start=1):
+                lines.append(f"      hunk {number}")
                 lines += [f"      team:    {line}" for line in ours or ["(nothing)"]]
                 lines += [f"      release: {line}" for line in theirs or ["(nothing)"]]
         if planned.tests:
