@@ -239,8 +239,9 @@ def raised_release(releases: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return repo
 
 
-def plan_json(services: Path, *args: str) -> tuple[int, dict[str, Any]]:
-    result = poolwise("update-plan", "--to", *args, "--json", services, cwd=services)
+def plan_json(cwd: Path, *args: str | Path) -> tuple[int, dict[str, Any]]:
+    """`update-plan --json --to ARGS...` (the release, options, then the paths)."""
+    result = poolwise("update-plan", "--json", "--to", *args, cwd=cwd)
     assert result.stderr == "", result.stderr
     return result.returncode, json.loads(result.stdout)
 
@@ -251,7 +252,7 @@ def plan_json(services: Path, *args: str) -> tuple[int, dict[str, Any]]:
 def test_an_update_to_this_release_fits_every_cluster(generated: Path) -> None:
     before = snapshot(generated)
 
-    code, plan = plan_json(generated, "v0.3.0", "--waves", "3")
+    code, plan = plan_json(generated, "v0.3.0", "--waves", "3", generated)
 
     assert code == 0, json.dumps(plan, indent=2)
     # The shape platform CI relies on.
@@ -359,7 +360,7 @@ def test_a_team_edit_that_conflicts_is_named_with_its_hunks(services: Path) -> N
     # go last).
     platform = services.parent / "orders-db.yml"
     platform.write_text("db_cluster: orders-db\nrollout_waves:\n  catalog-api: canary\n")
-    code, plan = plan_json(services, "v0.3.0", "--platform", str(platform), *map(str, chosen))
+    code, plan = plan_json(services, "v0.3.0", "--platform", platform, *chosen)
     assert code == 1
     assert [(wave["name"], wave["services"]) for wave in plan["waves"]] == [
         ("canary", ["catalog-api"]),
