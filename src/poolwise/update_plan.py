@@ -93,6 +93,8 @@ class Planned:
             return f"CONFLICT in {', '.join(conflict.file for conflict in self.conflicts)}"
         if self.after_error:
             return f"UNREADABLE after the update: {self.after_error}"
+        if self.tests.startswith("failed"):
+            return f"TESTS FAILED after the update: {self.tests}"
         if not self.files:
             return "already there, nothing changes"
         return f"clean, {len(self.files)} files changed"
