@@ -222,8 +222,8 @@ def _update(
         Conflict(name, scratch.conflict_hunks(root / name))
         for name in scratch.unmerged_files(planned.checkout)
     ]
-    planned.to_ref = str(_answers(root).get("_commit", ""))
     try:
+        planned.to_ref = str(_answers(root).get("_commit", ""))
         planned.after = _load(planned.checkout, planned.path)
     except InputError as error:
         if not planned.conflicts:
@@ -238,6 +238,9 @@ def _run_tests(root: Path, timeout: float) -> str:
         result = subprocess.run(
             TEST_COMMAND,
             cwd=root,
+            # The service's tests import its own src/ (its pytest config), never what a
+            # PYTHONPATH set for poolwise points at.
+            env={key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
