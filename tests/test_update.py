@@ -239,13 +239,17 @@ def template_1_2(template_1_1: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="module")
 def template_releases(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """0.1.0 and 0.2.0 as released (main at their commits), this checkout as THIS_RELEASE."""
+    return make_template_releases(tmp_path_factory.mktemp("poolwise-releases") / "poolwise")
+
+
+def make_template_releases(repo: Path) -> Path:
+    """The template_releases repository at ``repo`` (tests/test_update_plan.py makes one too)."""
     for release in (RELEASE_0_1_0, RELEASE_0_2_0):
         found = sh(["git", "cat-file", "-e", f"{release}^{{commit}}"], TEMPLATE_ROOT, False)
         assert found.returncode == 0, (
             f"commit {release} (a release) is not in this clone's history; clone the"
             " repository with its history (not --depth 1) to run the update tests"
         )
-    repo = tmp_path_factory.mktemp("poolwise-releases") / "poolwise"
     repo.mkdir()
     git(repo, "init", "--quiet", "--initial-branch=main")
     for source, tag in ((RELEASE_0_1_0, "v0.1.0"), (RELEASE_0_2_0, "v0.2.0"), (None, THIS_RELEASE)):

@@ -1,5 +1,6 @@
 """The `poolwise` command: `budget` checks one service, `fleet` sums declared budgets per
-cluster, `doctor` checks the server.
+cluster, `doctor` checks the server, `update-plan` and `update-apply` try a template release on
+every service first.
 
 Exit codes, for CI jobs and schedules: 0 everything fits (or is healthy), 1 a budget or a cluster
 is over (or a finding), 2 an input could not be read (or the server could not be reached).
@@ -12,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__, allocations, deployed, fleet, services
+from . import __version__, allocations, deployed, fleet, services, update_command
 
 FITS, OVER, UNREADABLE = 0, 1, 2
 
@@ -113,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the db_cluster the DSN is (needed when the paths hold services of several)",
     )
     doctor_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    update_command.add_commands(commands)
     return parser
 
 
@@ -205,4 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         return _budget(args)
     if args.command == "fleet":
         return _fleet(args)
+    if args.command in ("update-plan", "update-apply"):
+        return update_command.run(args)
     return _doctor(args)
