@@ -272,6 +272,8 @@ def test_an_update_to_this_release_fits_every_cluster(generated: Path) -> None:
         assert service["conflicts"] == []
         assert isinstance(service["before"], int) and isinstance(service["after"], int)
         assert service["files_changed"], service["name"]
+        # 0.2.0 had no shares, and an update with --defaults gives none: other_consumers stays.
+        assert (service["allocation_before"], service["allocation_after"]) == (0, 0)
     # The team's smaller pool survives the update: 5 pods x 1 worker x (4 + 5), plus migration.
     orders_api = next(s for s in plan["services"] if s["name"] == "orders-api")
     assert (orders_api["before"], orders_api["after"]) == (46, 46)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from . import fleet, scratch, services
+from . import allocations, fleet, scratch, services
 from .services import InputError, Service
 
 T = TypeVar("T")
@@ -421,6 +421,12 @@ def _variants(planned: Planned) -> list[tuple[str, int | None, int | None]]:
     return [(name, before.get(name), after.get(name) if planned.after else None) for name in names]
 
 
+def _allocations(planned: Planned) -> tuple[int, int | None]:
+    """The service's share of its cluster before and after (0: none; None: not read after)."""
+    after = allocations.allocation(planned.after) if planned.after else None
+    return allocations.allocation(planned.before), after
+
+
 def _number(value: int | None) -> str:
     return "?" if value is None else str(value)
 
@@ -459,6 +465,10 @@ def text(result: Plan) -> str:
         )
         for variant, before, after_total in _variants(planned):
             lines.append(f"    {variant}: {_number(before)} -> {_number(after_total)}")
+        share_before, share_after = _allocations(planned)
+        if share_before or share_after:
+            after_text = "?" if share_after is None else str(share_after or "none")
+            lines.append(f"    allocation: {share_before or 'none'} -> {after_text}")
         for conflict in planned.conflicts:
             lines.append(f"    conflict in {conflict.file}:")
             for number, (ours, theirs) in enumerate(conflict.hunks, start=1):
@@ -527,6 +537,9 @@ def as_json(result: Plan) -> dict[str, Any]:
                 "unreadable_after": planned.after_error or None,
                 "before": planned.before.total,
                 "after": planned.after.total if planned.after else None,
+                # db_allocation (0: none) before and after; None after when it cannot be read.
+                "allocation_before": _allocations(planned)[0],
+                "allocation_after": _allocations(planned)[1],
                 "variants": [
                     {"variant": variant, "before": before, "after": after}
                     for variant, before, after in _variants(planned)
