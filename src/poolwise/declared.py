@@ -39,17 +39,48 @@ def read_data_file(path: Path, relative: str | None = None) -> dict[str, Any]:
     return data
 
 
+def _whole_number(table: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
+    """table[key] as a whole number >= 0, or Unreadable naming the file, the key and the fix."""
+    if key not in table:
+        if default is not None:
+            return default
+        raise Unreadable(
+            f"{where}: database.{key} is missing -> the connection budget needs it; restore it"
+            " (copy it from the platform's data file)"
+        )
+    value = table[key]
+    # TOML keeps "100" a string and true a boolean: neither is a number of connections.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise Unreadable(
+            f"{where}: database.{key} = {value!r} -> it must be a whole number of connections"
+            f" (>= 0), not {type(value).__name__}; write it without quotes"
+        )
+    return value
+
+
 def load_limits(path: Path, relative: str | None = None) -> DatabaseLimits:
     """The platform team's database limits (a service's db/database_limits.toml)."""
-    data = read_data_file(path, relative)["database"]
+    where = relative or str(path)
+    data = read_data_file(path, relative).get("database")
+    if not isinstance(data, dict):
+        raise Unreadable(
+            f"{where}: the [database] table is missing -> the connection budget needs it;"
+            " restore the file from the platform's data file"
+        )
     # A file with an allocation needs no other_consumers; one without (0.1.0, 0.2.0) needs it.
-    allocation = data.get("allocation", 0)
-    return DatabaseLimits(
-        max_connections=data["max_connections"],
-        reserved_connections=data["reserved_connections"],
-        other_consumers=data.get("other_consumers", 0) if allocation else data["other_consumers"],
+    allocation = _whole_number(data, "allocation", where, default=0)
+    limits = DatabaseLimits(
+        max_connections=_whole_number(data, "max_connections", where),
+        reserved_connections=_whole_number(data, "reserved_connections", where),
+        other_consumers=_whole_number(data, "other_consumers", where, 0 if allocation else None),
         allocation=allocation,
     )
+    if limits.max_connections < 1:
+        raise Unreadable(
+            f"{where}: database.max_connections = {limits.max_connections} -> PostgreSQL needs at"
+            " least 1; set the cluster's max_connections"
+        )
+    return limits
 
 
 def load_declared(path: Path, relative: str | None = None) -> dict[str, Any]:
