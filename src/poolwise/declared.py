@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Unreadable
-from .rule import CONCURRENT_RUNS, DatabaseLimits, Topology, Workload
+from .rule import CONCURRENT_RUNS, POOLERS, TARGETS, DatabaseLimits, Topology, Workload
 
 # The layout of both data files this release writes and reads; None is 0.2.0's (no key).
 SCHEMA = 1
@@ -83,9 +83,69 @@ def load_limits(path: Path, relative: str | None = None) -> DatabaseLimits:
     return limits
 
 
+# What db/topology.toml must hold for the readers, and each value's type: a mistyped value
+# (`pool_size = "2"`, `target = 3`) is refused here by name, never read as something else.
+DECLARED_FIELDS: dict[str, dict[str, type]] = {
+    "service": {"name": str, "target": str, "pooler": str, "driver": str, "container": str},
+    "pool": {"null_pool": bool},
+}
+# Optional numbers: when present they are whole numbers (bool is not one).
+DECLARED_NUMBERS = {
+    "pool": ("pool_size", "max_overflow", "pool_timeout", "pool_recycle"),
+    "timeouts": ("statement", "idle_in_transaction"),
+    "processes": (
+        "replicas_max",
+        "max_surge",
+        "workers_per_pod",
+        "lambda_reserved_concurrency",
+        "batch_parallelism",
+        "batch_processes",
+        "batch_size",
+    ),
+    "pgbouncer": ("default_pool_size", "reserve_pool_size", "max_client_conn"),
+    "rds_proxy": ("max_connections_percent",),
+}
+
+
 def load_declared(path: Path, relative: str | None = None) -> dict[str, Any]:
-    """A service's declared topology (its db/topology.toml), as data."""
-    return read_data_file(path, relative)
+    """A service's declared topology (its db/topology.toml), as data, its fields type-checked."""
+    where = relative or str(path)
+    data = read_data_file(path, relative)
+    fix = "fix it, or answer again with `copier update`"
+    for section, fields in DECLARED_FIELDS.items():
+        table = data.get(section)
+        if not isinstance(table, dict):
+            raise Unreadable(f"{where}: the [{section}] table is missing -> {fix}")
+        for key, kind in fields.items():
+            if key not in table:
+                raise Unreadable(f"{where}: {section}.{key} is missing -> {fix}")
+            if not isinstance(table[key], kind):
+                raise Unreadable(
+                    f"{where}: {section}.{key} = {table[key]!r} -> it must be a"
+                    f" {'true/false' if kind is bool else 'quoted string'}; {fix}"
+                )
+    service = data["service"]
+    for key, allowed in (("target", TARGETS), ("pooler", POOLERS)):
+        if service[key] not in allowed:
+            raise Unreadable(
+                f"{where}: service.{key} = {service[key]!r} -> one of {', '.join(allowed)}; {fix}"
+            )
+    for section, keys in DECLARED_NUMBERS.items():
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            raise Unreadable(f"{where}: [{section}] is not a table -> {fix}")
+        for key in keys:
+            value = table.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise Unreadable(
+                    f"{where}: {section}.{key} = {value!r} -> it must be a whole number, written"
+                    f" without quotes; {fix}"
+                )
+    if not data["pool"]["null_pool"]:
+        for key in ("pool_size", "max_overflow"):
+            if key not in data["pool"]:
+                raise Unreadable(f"{where}: pool.{key} is missing -> {fix}")
+    return data
 
 
 def declared_workload(declared: dict[str, Any]) -> Workload:
