@@ -509,3 +509,34 @@ def test_a_broken_data_file_is_exit_2_and_one_line(
         result = poolwise(service, *command)
         assert result.returncode == 2, result.stdout + result.stderr
         assert line in one_line(result), result.stderr
+
+
+# ----------------------------------------------------------------------------- the rendered tests
+
+
+def test_a_rendered_test_that_hangs_fails_by_name_within_the_timeout(service: Path) -> None:
+    """pytest-timeout is configured in the project: a wait that never ends fails its test."""
+    import tomllib
+
+    options = tomllib.loads((service / "pyproject.toml").read_text())["tool"]["pytest"]
+    assert options["ini_options"]["timeout"] == 120
+    (service / "tests/test_hangs.py").write_text(
+        "import threading\n\n\ndef test_waits_forever() -> None:\n    threading.Event().wait()\n"
+    )
+    # The project's own configuration, its timeout lowered so the check takes seconds.
+    result = in_project(
+        service,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "timeout=3",
+        "tests/test_hangs.py",
+    )
+    shown = result.stdout[-3000:] + result.stderr[-2000:]
+    assert result.returncode == 1, shown
+    assert "Timeout" in result.stdout and "FAILED tests/test_hangs.py::test_waits_forever" in (
+        result.stdout
+    ), shown
