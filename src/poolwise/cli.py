@@ -122,6 +122,14 @@ def _fleet(args: argparse.Namespace) -> int:
     try:
         found = [services.load(root) for root in services.find(args.paths)]
         proposed = fleet.load_proposed(args.limits) if args.limits else None
+        unused = sorted(set(proposed or {}) - {service.cluster for service in found})
+        if unused:
+            # A misspelt cluster would leave every real one on its old limits: never a pass.
+            used = ", ".join(sorted({service.cluster for service in found})) or "none"
+            raise services.InputError(
+                f"--limits {args.limits}: db_cluster {', '.join(unused)} -> no service at the"
+                f" paths uses it (theirs: {used}); fix db_cluster in the file"
+            )
         result = fleet.choose(fleet.clusters(found, proposed), args.cluster)
         # Built before anything is printed: a name it refuses leaves no half-printed SQL.
         guardrail_sql = fleet.sql(result) if args.sql else ""
@@ -140,7 +148,11 @@ def _fleet(args: argparse.Namespace) -> int:
     else:
         print(fleet.text(result))
     if args.svg:
-        args.svg.write_text(fleet.svg(result))
+        try:
+            args.svg.write_text(fleet.svg(result))
+        except OSError as error:
+            print(f"poolwise fleet: --svg {args.svg}: {error.strerror}", file=sys.stderr)
+            return UNREADABLE
     if args.dashboard:
         from . import dashboard
 
@@ -203,10 +215,25 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "budget":
-        return _budget(args)
-    if args.command == "fleet":
-        return _fleet(args)
-    if args.command in ("update-plan", "update-apply"):
-        return update_command.run(args)
-    return _doctor(args)
+    run = {
+        "budget": _budget,
+        "fleet": _fleet,
+        "update-plan": update_command.run,
+        "update-apply": update_command.run,
+    }.get(args.command, _doctor)
+    try:
+        return run(args)
+    except Exception as error:
+        # An input no reader foresaw must still give exit 2 and one line, never a traceback
+        # with exit 1 that a CI job would read as "over budget". Only the exception's type is
+        # printed: its text could quote a value from anywhere (a Secret, the environment).
+        import traceback  # only this path needs it
+
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        print(
+            f"poolwise {args.command}: could not read an input ({type(error).__name__} at"
+            f" {Path(frame.filename).name}:{frame.lineno}); please report it with the service's"
+            " deploy/",
+            file=sys.stderr,
+        )
+        return UNREADABLE

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Unreadable
-from .rule import CONCURRENT_RUNS, DatabaseLimits, Topology, Workload
+from .rule import CONCURRENT_RUNS, POOLERS, TARGETS, DatabaseLimits, Topology, Workload
 
 # The layout of both data files this release writes and reads; None is 0.2.0's (no key).
 SCHEMA = 1
@@ -39,22 +39,113 @@ def read_data_file(path: Path, relative: str | None = None) -> dict[str, Any]:
     return data
 
 
+def _whole_number(table: dict[str, Any], key: str, where: str, default: int | None = None) -> int:
+    """table[key] as a whole number >= 0, or Unreadable naming the file, the key and the fix."""
+    if key not in table:
+        if default is not None:
+            return default
+        raise Unreadable(
+            f"{where}: database.{key} is missing -> the connection budget needs it; restore it"
+            " (copy it from the platform's data file)"
+        )
+    value = table[key]
+    # TOML keeps "100" a string and true a boolean: neither is a number of connections.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise Unreadable(
+            f"{where}: database.{key} = {value!r} -> it must be a whole number of connections"
+            f" (>= 0), not {type(value).__name__}; write it without quotes"
+        )
+    return value
+
+
 def load_limits(path: Path, relative: str | None = None) -> DatabaseLimits:
     """The platform team's database limits (a service's db/database_limits.toml)."""
-    data = read_data_file(path, relative)["database"]
+    where = relative or str(path)
+    data = read_data_file(path, relative).get("database")
+    if not isinstance(data, dict):
+        raise Unreadable(
+            f"{where}: the [database] table is missing -> the connection budget needs it;"
+            " restore the file from the platform's data file"
+        )
     # A file with an allocation needs no other_consumers; one without (0.1.0, 0.2.0) needs it.
-    allocation = data.get("allocation", 0)
-    return DatabaseLimits(
-        max_connections=data["max_connections"],
-        reserved_connections=data["reserved_connections"],
-        other_consumers=data.get("other_consumers", 0) if allocation else data["other_consumers"],
+    allocation = _whole_number(data, "allocation", where, default=0)
+    limits = DatabaseLimits(
+        max_connections=_whole_number(data, "max_connections", where),
+        reserved_connections=_whole_number(data, "reserved_connections", where),
+        other_consumers=_whole_number(data, "other_consumers", where, 0 if allocation else None),
         allocation=allocation,
     )
+    if limits.max_connections < 1:
+        raise Unreadable(
+            f"{where}: database.max_connections = {limits.max_connections} -> PostgreSQL needs at"
+            " least 1; set the cluster's max_connections"
+        )
+    return limits
+
+
+# What db/topology.toml must hold for the readers, and each value's type: a mistyped value
+# (`pool_size = "2"`, `target = 3`) is refused here by name, never read as something else.
+DECLARED_FIELDS: dict[str, dict[str, type]] = {
+    "service": {"name": str, "target": str, "pooler": str, "driver": str, "container": str},
+    "pool": {"null_pool": bool},
+}
+# Optional numbers: when present they are whole numbers (bool is not one).
+DECLARED_NUMBERS = {
+    "pool": ("pool_size", "max_overflow", "pool_timeout", "pool_recycle"),
+    "timeouts": ("statement", "idle_in_transaction"),
+    "processes": (
+        "replicas_max",
+        "max_surge",
+        "workers_per_pod",
+        "lambda_reserved_concurrency",
+        "batch_parallelism",
+        "batch_processes",
+        "batch_size",
+    ),
+    "pgbouncer": ("default_pool_size", "reserve_pool_size", "max_client_conn"),
+    "rds_proxy": ("max_connections_percent",),
+}
 
 
 def load_declared(path: Path, relative: str | None = None) -> dict[str, Any]:
-    """A service's declared topology (its db/topology.toml), as data."""
-    return read_data_file(path, relative)
+    """A service's declared topology (its db/topology.toml), as data, its fields type-checked."""
+    where = relative or str(path)
+    data = read_data_file(path, relative)
+    fix = "fix it, or answer again with `copier update`"
+    for section, fields in DECLARED_FIELDS.items():
+        table = data.get(section)
+        if not isinstance(table, dict):
+            raise Unreadable(f"{where}: the [{section}] table is missing -> {fix}")
+        for key, kind in fields.items():
+            if key not in table:
+                raise Unreadable(f"{where}: {section}.{key} is missing -> {fix}")
+            if not isinstance(table[key], kind):
+                raise Unreadable(
+                    f"{where}: {section}.{key} = {table[key]!r} -> it must be a"
+                    f" {'true/false' if kind is bool else 'quoted string'}; {fix}"
+                )
+    service = data["service"]
+    for key, allowed in (("target", TARGETS), ("pooler", POOLERS)):
+        if service[key] not in allowed:
+            raise Unreadable(
+                f"{where}: service.{key} = {service[key]!r} -> one of {', '.join(allowed)}; {fix}"
+            )
+    for section, keys in DECLARED_NUMBERS.items():
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            raise Unreadable(f"{where}: [{section}] is not a table -> {fix}")
+        for key in keys:
+            value = table.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise Unreadable(
+                    f"{where}: {section}.{key} = {value!r} -> it must be a whole number, written"
+                    f" without quotes; {fix}"
+                )
+    if not data["pool"]["null_pool"]:
+        for key in ("pool_size", "max_overflow"):
+            if key not in data["pool"]:
+                raise Unreadable(f"{where}: pool.{key} is missing -> {fix}")
+    return data
 
 
 def declared_workload(declared: dict[str, Any]) -> Workload:

@@ -175,7 +175,7 @@ def kustomize_variants(root: Path) -> list[str]:
     included: set[Path] = set()
     for directory in directories:
         spec = kustomization(directory)
-        for entry in [*spec.get("resources", []), *spec.get("components", [])]:
+        for entry in [*(spec.get("resources") or []), *(spec.get("components") or [])]:
             candidate = (directory / str(entry)).resolve()
             if candidate.is_dir():
                 included.add(candidate)

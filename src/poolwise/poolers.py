@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import re
 from typing import Any
 
 from . import rule
@@ -22,10 +23,49 @@ PGBOUNCER_DEFAULTS = {
 }
 
 
+# A [databases] or [users] line is libpq-style key=value pairs; values may be single-quoted.
+_PAIR = re.compile(r"([A-Za-z_]+)\s*=\s*('(?:[^']|'')*'|\S+)")
+# The per-database and per-user settings that change how many server connections PgBouncer
+# opens (https://www.pgbouncer.org/config.html, "Section [databases]" and "Section [users]").
+# reserve_pool is the name PgBouncer documents for a database's reserve; reserve_pool_size is
+# accepted too, as newer releases spell it.
+DATABASE_NUMBERS = ("pool_size", "reserve_pool", "reserve_pool_size", "max_db_connections")
+USER_NUMBERS = ("pool_size", "reserve_pool_size", "max_user_connections")
+
+
+def _entry_numbers(
+    parser: configparser.ConfigParser, section: str, names: tuple[str, ...], where: str
+) -> dict[str, dict[str, Input]]:
+    """Each entry of a [databases] or [users] section: its budget numbers, where each is set.
+
+    Only these numbers are kept: the rest of a line (host, password, ...) is never echoed.
+    """
+    entries: dict[str, dict[str, Input]] = {}
+    if not parser.has_section(section):
+        return entries
+    for key, line in parser.items(section):
+        if key.startswith("%"):
+            continue
+        numbers = {}
+        for name, raw in _PAIR.findall(line or ""):
+            name = name.lower()
+            if name in names:
+                source = f"{where} [{section}] {key} {name}"
+                numbers[name] = Input(name, integer(raw.strip("'"), source), source)
+        entries[key] = numbers
+    return entries
+
+
 def pgbouncer_settings(
     text: str, where: str, inputs: list[Input], project: Project, findings: list[str]
 ) -> dict[str, Any]:
-    """PgBouncer's numbers from pgbouncer.ini, with PgBouncer's defaults for what it leaves out."""
+    """PgBouncer's numbers from pgbouncer.ini, with PgBouncer's defaults for what it leaves out.
+
+    PgBouncer keeps one server pool per database and user. A user's pool_size overrides its
+    database's, which overrides default_pool_size; a database's max_db_connections overrides
+    the global one. The service's pool is counted at the largest size any of them allows (which
+    user it logs in as is in a Secret), and every other database listed adds its own pool.
+    """
     parser = configparser.ConfigParser(interpolation=None, allow_no_value=True, strict=False)
     try:
         parser.read_string(text)
@@ -48,28 +88,85 @@ def pgbouncer_settings(
             f"{mode_source}={pool_mode} -> the budget supports transaction and session mode;"
             " use one of them"
         )
-    numbers = [
+    client, default, reserve = (
         number(name) for name in ("max_client_conn", "default_pool_size", "reserve_pool_size")
-    ]
+    )
     cap = number("max_db_connections")
+    users = _entry_numbers(parser, "users", USER_NUMBERS, where)
+    databases = _entry_numbers(parser, "databases", DATABASE_NUMBERS, where)
+    if "*" in databases:
+        findings.append(
+            f"{where} [databases] * -> a fallback database gives every database name a client"
+            " asks for its own server pool, so no budget holds; list the databases instead"
+        )
+        del databases["*"]
+    # A user's numbers apply in every database: the largest of them is what one pool can reach.
+    user_pool = max(
+        (entry["pool_size"] for entry in users.values() if "pool_size" in entry),
+        key=lambda item: item.value,
+        default=None,
+    )
+    user_reserve = max(
+        (entry["reserve_pool_size"] for entry in users.values() if "reserve_pool_size" in entry),
+        key=lambda item: item.value,
+        default=None,
+    )
+
+    def pool_of(entry: dict[str, Input]) -> tuple[Input, Input, Input]:
+        """(pool_size, reserve, max_db_connections) one database's pool really runs with."""
+        size = entry.get("pool_size", default)
+        if user_pool is not None and user_pool.value > size.value:
+            size = user_pool
+        own_reserve = entry.get("reserve_pool", entry.get("reserve_pool_size", reserve))
+        if user_reserve is not None and user_reserve.value > own_reserve.value:
+            own_reserve = user_reserve
+        return size, own_reserve, entry.get("max_db_connections", cap)
+
+    # The database the service uses is in a Secret (%include) or one of the lines: without an
+    # %include, the largest listed pool is counted as the service's, the rest as other pools.
+    included = (
+        any(key.startswith("%") for key in parser.options("databases"))
+        if (parser.has_section("databases"))
+        else False
+    )
+    pools = [pool_of(entry) for entry in databases.values()]
+    if included or not pools:
+        pools.append(pool_of({}))
+    pools.sort(key=lambda pool: pool[0].value + pool[1].value, reverse=True)
+    size, own_reserve, _ = pools[0]
+    other_pools = sum(pool[0].value + pool[1].value for pool in pools[1:])
+    numbers = [
+        client,
+        Input("pgbouncer_default_pool_size", size.value, size.source, default.declared),
+        Input(
+            "pgbouncer_reserve_pool_size", own_reserve.value, own_reserve.source, reserve.declared
+        ),
+    ]
     inputs += [
         Input("pgbouncer_pool_mode", pool_mode, mode_source, declared.get("pool_mode")),
         *numbers,
     ]
-    values = {item.name: item.value for item in numbers}
+    if other_pools:
+        inputs.append(
+            Input(
+                "pgbouncer_other_pools", other_pools, f"{where} [databases]: {len(pools) - 1} more"
+            )
+        )
     for item in numbers:
         try:
             rule.at_least_minimum(item.name, item.value, item.source)
         except rule.OutOfRange as refusal:
             findings.append(str(refusal))
-    pooled = values["pgbouncer_default_pool_size"] + values["pgbouncer_reserve_pool_size"]
-    if not 0 < cap.value <= pooled:
-        findings.append(
-            f"{cap.source}={cap.value} -> it must be set and <= default_pool_size +"
-            f" reserve_pool_size = {pooled}, so more users or databases on this PgBouncer cannot"
-            " open more server connections than the budget counts"
-        )
-    return {"pool_mode": pool_mode, **values}
+    for pool_size, pool_reserve, pool_cap in pools:
+        pooled = pool_size.value + pool_reserve.value
+        if not 0 < pool_cap.value <= pooled:
+            findings.append(
+                f"{pool_cap.source}={pool_cap.value} -> it must be set and <= pool_size +"
+                f" reserve_pool_size = {pooled}, so more users or databases on this PgBouncer"
+                " cannot open more server connections than the budget counts"
+            )
+    values = {item.name: item.value for item in numbers}
+    return {"pool_mode": pool_mode, **values, "pgbouncer_other_pools": other_pools}
 
 
 # RDS Proxy's ConnectionBorrowTimeout when the template leaves it out, and the wait for a pooled

@@ -227,6 +227,9 @@ class Topology(NamedTuple):
     pgbouncer_default_pool_size: int = 20
     pgbouncer_reserve_pool_size: int = 0
     pgbouncer_max_client_conn: int = 0
+    # Server connections of the other databases pgbouncer.ini's [databases] lists: each database
+    # has its own pool, and all of them reach the same PostgreSQL (poolwise.poolers).
+    pgbouncer_other_pools: int = 0
     rds_proxy_max_connections_percent: int = 100
 
     @property
@@ -287,8 +290,15 @@ def _pgbouncer_served_formula(topology: Topology) -> str:
     pool = (
         f"{topology.pgbouncer_default_pool_size} default_pool_size x 1 database x 1 user"
         f" + {topology.pgbouncer_reserve_pool_size} reserve_pool_size"
+        + (
+            f" + {topology.pgbouncer_other_pools} of the other [databases]"
+            if topology.pgbouncer_other_pools
+            else ""
+        )
     )
-    served = topology.pgbouncer_instances * topology.pgbouncer_server_pool
+    served = topology.pgbouncer_instances * (
+        topology.pgbouncer_server_pool + topology.pgbouncer_other_pools
+    )
     if topology.pgbouncer_instances == 1:
         return f"{pool} = {served}"
     return f"{topology.pgbouncer_instances} pgbouncer instances x ({pool}) = {served}"
@@ -299,7 +309,9 @@ def database_check(topology: Topology, limits: DatabaseLimits) -> Check:
     room = limits.available - MIGRATION_CONNECTIONS
     if topology.pooler == "pgbouncer":
         hop = "pgbouncer -> database"
-        served = topology.pgbouncer_instances * topology.pgbouncer_server_pool
+        served = topology.pgbouncer_instances * (
+            topology.pgbouncer_server_pool + topology.pgbouncer_other_pools
+        )
         formula = _pgbouncer_served_formula(topology)
         fix = f"default_pool_size + reserve_pool_size must be <= {room}"
         if topology.pgbouncer_instances > 1:

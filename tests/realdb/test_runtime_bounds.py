@@ -144,6 +144,55 @@ def test_the_migration_step_sets_the_roles_timeouts(
 
 
 @KINDS
+def test_each_migration_path_alone_sets_the_roles_timeouts(
+    name: str,
+    bounded_role: str,
+    database: PostgresCluster,
+    project: Callable[[str], RenderedProject],
+) -> None:
+    """One project's `alembic upgrade head` on a role no other path touched.
+
+    bounded_role migrates sync and async onto one role, so either path masks the other: here
+    each runs alone, and the role it leaves must carry both timeouts.
+    """
+    role = f"rdb_timeouts_{name}"
+    database.psql(
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+            sql.Identifier(role), sql.Literal(PASSWORD)
+        )
+    )
+    try:
+        # The schema is at head already (bounded_role): the step reads alembic_version only.
+        database.psql(
+            sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(role)),
+            dbname=database.app_db,
+        )
+        migrated = subprocess.run(
+            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            cwd=project(name).root,
+            env=project(name).env(
+                DATABASE_URL=database.dsn(user=role, password=PASSWORD, driver=""),
+                STATEMENT_TIMEOUT=7,
+                IDLE_IN_TRANSACTION_TIMEOUT=9,
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert migrated.returncode == 0, migrated.stderr[-3000:]
+        (config,) = database.psql("SELECT rolconfig FROM pg_roles WHERE rolname = %s", (role,))[0]
+        assert config is not None, f"the {name} migration step set nothing on {role}"
+        assert "statement_timeout=7s" in config, config
+        assert "idle_in_transaction_session_timeout=9s" in config, config
+    finally:
+        database.psql(
+            sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)), dbname=database.app_db
+        )
+        database.psql(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@KINDS
 def test_a_statement_stuck_behind_a_lock_is_cancelled_and_answered_503(
     name: str, faulty: Callable[[str], ServiceProcess], database: PostgresCluster
 ) -> None:
