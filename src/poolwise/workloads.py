@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from . import rule
 from .errors import Unreadable
 from .kustomize import generated_from, kustomization, origin_of
@@ -165,11 +167,14 @@ class KubernetesReader:
         kustomizations under deploy/ give it."""
         names = {self.project.container, MIGRATION_CONTAINER}
         images: set[str] = set()
-        for item in self.built:
-            if not runs_pods(item.doc):
+        # This variant's resources, and the manifests under deploy/ as written: a chart variant
+        # is the service's when it runs the image the service's own manifests name.
+        documents = [item.doc for item in self.built] + _written(self.project.root / "deploy")
+        for doc in documents:
+            if not runs_pods(doc):
                 continue
             for key in ("containers", "initContainers"):
-                for container in _pod_containers(item.doc, key):
+                for container in _pod_containers(doc, key):
                     if container.get("name") in names and container.get("image"):
                         images.add(str(container["image"]))
         # kustomize `images:` renames the repository; a workload written with either name runs
@@ -443,6 +448,22 @@ def _pod_containers(doc: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]
     return found
 
 
+def _written(deploy: Path) -> list[dict[str, Any]]:
+    """The YAML documents under deploy/ outside Helm charts (whose templates are not YAML)."""
+    charts = [path.parent for path in deploy.rglob("Chart.yaml")]
+    documents: list[dict[str, Any]] = []
+    for path in sorted([*deploy.rglob("*.yaml"), *deploy.rglob("*.yml")]):
+        if any(path.is_relative_to(chart) for chart in charts):
+            continue
+        try:
+            documents += [
+                doc for doc in yaml.safe_load_all(path.read_text()) if isinstance(doc, dict)
+            ]
+        except (yaml.YAMLError, UnicodeDecodeError):
+            continue  # the build that includes the file refuses it with the parser's reason
+    return documents
+
+
 def _is_pgbouncer(doc: Mapping[str, Any]) -> bool:
     return any(
         "pgbouncer" in _repository(str(container.get("image", "")))
@@ -583,6 +604,3 @@ def pods_at_once(
 def documents_of(built: list[dict[str, Any]], variant: str) -> list[Built]:
     """A kustomize build's resources, each with the file it came from."""
     return [Built(doc, origin_of(doc, variant)) for doc in built]
-
-
-__all__ = ["Built", "KubernetesReader", "Path", "documents_of"]
