@@ -140,8 +140,11 @@ class KubernetesReader:
                     field=container.field,
                     config_maps=config_maps,
                 )
+                alone = len(found) == 1 or all(
+                    self._is_migration(other.container) for other in found if other != container
+                )
                 workloads.append(
-                    self._workload(item, template.spec, container, env, autoscalers, where)
+                    self._workload(item, template.spec, container, env, autoscalers, where, alone)
                 )
         if not workloads:
             raise Unreadable(
@@ -235,12 +238,12 @@ class KubernetesReader:
         env: Environment,
         autoscalers: list[Autoscaler],
         where: str,
+        alone: bool,
     ) -> rule.Workload:
         doc = item.doc
         name = f"{doc['kind']}/{doc['metadata']['name']}"
-        if container.role != "container" or container.container.get("name") != (
-            self.project.container
-        ):
+        if not alone:
+            # Several containers of one pod run the image: name each by its field.
             name += f" {container.field.rsplit('.', 1)[-1]} {container.container.get('name')}"
         plain = _budget_env(env, item.origin, self.config_map_origins)
         inputs, pool_size, max_overflow = pool_share(self.project, self.findings, plain)
@@ -542,17 +545,33 @@ def pods_at_once(
     scaler = autoscaler_for(doc, autoscalers, origin)
     if doc.get("kind") != "Deployment":
         peak = peak_pods(doc, origin, autoscalers=autoscalers)
-        terminating = 0 if doc.get("kind") in ("StatefulSet", "Pod") else peak.replicas
+        replicas_source, _, strategy = peak.source.partition("; ")
+        # A StatefulSet replaces a pod only after the old one has stopped; a blueGreen Rollout's
+        # old set is already counted whole beside the new one (peak_pods). Other old pods (a
+        # canary's) may all be stopping while the new ones run.
+        blue_green = "blueGreen" in ((spec.get("strategy") or {}) if spec else {})
+        stopping = doc.get("kind") in ("StatefulSet", "Pod", "ReplicaSet") or blue_green
+        terminating = 0 if stopping else peak.replicas
         inputs = [
             Input(
-                f"{prefix}replicas_max", peak.replicas, peak.source, declared.get("replicas_max")
+                f"{prefix}replicas_max",
+                peak.replicas,
+                replicas_source,
+                declared.get("replicas_max"),
             ),
-            Input(f"{prefix}max_surge", peak.surge, peak.source, declared.get("max_surge")),
-            Input(f"{prefix}terminating", terminating, f"{origin}: every old pod may be stopping"),
+            Input(f"{prefix}max_surge", peak.surge, f"{origin}: {strategy or 'no rollout surge'}"),
+            Input(
+                f"{prefix}terminating",
+                terminating,
+                f"{origin}: "
+                + ("none beyond the pods counted" if stopping else "every old pod may be stopping"),
+            ),
         ]
         return _Pods(peak.replicas, peak.surge, terminating, inputs)
     if scaler is not None:
-        field = scaler.source.rsplit(" ", 1)[-1]
+        field = scaler.source.removeprefix(f"{scaler.file}: {scaler.kind} {scaler.name} ")
+        if field.startswith("has no "):
+            field = f"spec.maxReplicaCount (not set: KEDA's default {scaler.max_replicas})"
         source = f"{scaler.file}: {field}"
         replicas = scaler.max_replicas
         if "replicas" in spec and integer(spec["replicas"], f"{origin}: spec.replicas") > replicas:
