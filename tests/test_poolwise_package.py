@@ -153,6 +153,12 @@ def test_the_runtime_guard_reads_worker_counts_and_drivers_as_poolwise_does(rend
         envs.append({name: generator.choice(values) for name in chosen})
     default = 2
 
+    def verdict(argv: list[str], environ: dict[str, str]) -> list[object]:
+        try:
+            return ["ok", processes_for_argv(argv, environ, package=PACKAGE, default=default)]
+        except Refused:
+            return ["error"]
+
     combos = [
         (pooler, mode, driver)
         for pooler in rule.POOLERS
@@ -187,7 +193,7 @@ print(json.dumps({{"workers": workers, "drivers": drivers, "minimums": declared.
         check=False,
     )
     runtime = json.loads(succeeded(result, project).stdout)
-    expected_workers = [verdict(argv, environ) for argv, environ in zip(argvs, envs)]
+    expected_workers = [verdict(argv, environ) for argv, environ in zip(argvs, envs, strict=True)]
     assert runtime["workers"] == expected_workers
     # Both outcomes and several counts occur, so the comparison says something.
     assert {"ok", "error"} <= {found[0] for found in expected_workers}

@@ -9,8 +9,6 @@ template's tests prove the two agree (tests/test_budget_mirror.py).
 
 from __future__ import annotations
 
-import math
-import re
 from typing import NamedTuple
 
 # Alembic runs as one NullPool connection (the migration Job, or a one-off task) next to the app.
