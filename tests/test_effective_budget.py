@@ -1030,15 +1030,8 @@ def test_an_edit_of_deploy_is_judged_by_what_it_applies(
         assert command.returncode == 0, command.stdout[-3000:] + command.stderr[-3000:]
 
 
-def test_without_kustomize_every_variant_fails_never_skips(
-    rendered: Callable[[str], Path], tmp_path: Path
-) -> None:
-    """Without kustomize nothing is built, so nothing is read: the base and the overlay both
-    fail with the fix (the files alone are not what is applied), and the CLI exits 2."""
-    project = tmp_path / "project"
-    shutil.copytree(rendered("k8s-sync"), project)
-    add_prod_overlay(project)
-    # A PATH with this interpreter and git (pytest-copie needs it to load), without kubectl.
+def path_without_kustomize(tmp_path: Path) -> str:
+    """A PATH with this interpreter and git (pytest-copie needs it to load), without kubectl."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
@@ -1048,6 +1041,18 @@ def test_without_kustomize_every_variant_fails_never_skips(
     path = str(bin_dir)
     assert shutil.which("kubectl", path=path) is None
     assert shutil.which("kustomize", path=path) is None
+    return path
+
+
+def test_without_kustomize_every_variant_fails_never_skips(
+    rendered: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Without kustomize nothing is built, so nothing is read: the base and the overlay both
+    fail with the fix (the files alone are not what is applied), and the CLI exits 2."""
+    project = tmp_path / "project"
+    shutil.copytree(rendered("k8s-sync"), project)
+    add_prod_overlay(project)
+    path = path_without_kustomize(tmp_path)
     tested = budget_test(project, path=path, verbose=True)
     shown = tested.stdout[-6000:] + tested.stderr[-3000:]
     assert tested.returncode == 1, shown

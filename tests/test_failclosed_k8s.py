@@ -10,7 +10,6 @@ table that the shape was counted right.
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from test_effective_budget import (
     dump,
     edit,
     load,
+    path_without_kustomize,
     set_data,
 )
 from test_effective_budget import rendered as rendered  # the session's rendered projects
@@ -165,6 +165,30 @@ def init_container_own_env(project: Path) -> None:
         ]
 
     edit(project, DEPLOYMENT, change)
+
+
+def batch_job_with_registry_host(project: Path) -> None:
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "backfill"},
+        "spec": {
+            "parallelism": 100,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "backfill",
+                            "image": f"123456789012.dkr.ecr.eu-west-1.amazonaws.com/{APP}:7",
+                            "envFrom": [{"configMapRef": {"name": CONFIG}}],
+                        }
+                    ],
+                }
+            },
+        },
+    }
+    add_document(f"{BASE}/backfill.yaml", job)(project)
 
 
 # ----------------------------------------------------------------------------- item 3
@@ -432,6 +456,16 @@ ROWS = [
         ("connection budget exceeded", "Deployment/queue"),
     ),
     Row(
+        "batch-job-with-a-registry-host-image",
+        "batch-job",
+        batch_job_with_registry_host,
+        "over",
+        (
+            f"{BASE}/backfill.yaml (Job/backfill): spec.parallelism=100"
+            " -> connection budget exceeded",
+        ),
+    ),
+    Row(
         "native-sidecar-runs-the-image",
         "k8s-sync",
         native_sidecar,
@@ -596,18 +630,13 @@ def test_a_missing_kustomize_fails_never_skips(
     exits 2, both with the fix."""
     project = tmp_path / "project"
     shutil.copytree(rendered("k8s-sync"), project)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
-    git = shutil.which("git")
-    assert git is not None
-    (bin_dir / "git").symlink_to(git)
+    path = path_without_kustomize(tmp_path)
     missing = f"{BASE}: building it needs kustomize"
-    tested = budget_test(project, path=str(bin_dir), verbose=True)
+    tested = budget_test(project, path=path, verbose=True)
     assert tested.returncode == 1, tested.stdout[-4000:]
     assert "SKIPPED" not in tested.stdout and missing in tested.stdout, tested.stdout[-4000:]
     assert "install kubectl" in tested.stdout, tested.stdout[-4000:]
-    command = budget_command(project, path=str(bin_dir))
+    command = budget_command(project, path=path)
     assert command.returncode == 2, command.stdout + command.stderr
     assert command.stderr.startswith(f"cannot read {missing}"), command.stderr
 
