@@ -687,10 +687,10 @@ ROWS = [
         delete_configmap,
         "unreadable",
         (
-            "deploy/k8s/deployment.yaml (Deployment/poolwise-service):"
-            " spec.template.spec.containers[0].envFrom[0].configMapRef.name="
-            "poolwise-service-config -> no ConfigMap of that name is in the build; add it to the"
-            " kustomization or fix the name",
+            "deploy/k8s/deployment.yaml (Deployment/poolwise-service): envFrom[0] of"
+            " spec.template.spec.containers[0] (configMapRef poolwise-service-config): the"
+            " ConfigMap is not under deploy/, and it may set POOL_SIZE; fix: set POOL_SIZE with"
+            " value: or from a ConfigMap under deploy/",
         ),
         restore=True,
     ),
@@ -700,9 +700,9 @@ ROWS = [
         delete_configmap,
         "unreadable",
         (
-            "deploy/k8s/cronjob.yaml (CronJob/poolwise-service):"
-            " spec.jobTemplate.spec.template.spec.containers[0].envFrom[0].configMapRef.name="
-            "poolwise-service-config -> no ConfigMap of that name is in the build",
+            "deploy/k8s/cronjob.yaml (CronJob/poolwise-service): envFrom[0] of"
+            " spec.jobTemplate.spec.template.spec.containers[0] (configMapRef"
+            " poolwise-service-config): the ConfigMap is not under deploy/",
         ),
     ),
     # 13. A file of two YAML documents: both are read.
