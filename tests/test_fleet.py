@@ -410,7 +410,7 @@ def test_unreadable_inputs_exit_2_with_the_path_and_the_reason(repos: Path, tmp_
     unreadable = poolwise("fleet", broken)
     assert unreadable.returncode == 2
     assert str(broken / "orders-api") in unreadable.stderr
-    assert "spec.maxReplicas='three' -> not an integer" in unreadable.stderr
+    assert "spec.maxReplicas: 'three' is not a whole number of at least 1" in unreadable.stderr
 
     missing = poolwise("fleet", "--limits", tmp_path / "nope.yml", repos)
     assert missing.returncode == 2 and "nope.yml: cannot be read" in missing.stderr

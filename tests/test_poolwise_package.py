@@ -23,6 +23,8 @@ from rendering import TEMPLATE_ROOT, clean_env, copier_copy, python, run, run_ch
 from test_budget_mirror import answer_context, render
 
 from poolwise import declared, rule
+from poolwise.shapes import Refused
+from poolwise.shapes.processes import processes_for_argv
 
 PACKAGE = "poolwise_service"
 PYPROJECT = tomllib.loads((TEMPLATE_ROOT / "pyproject.toml").read_text())
@@ -125,20 +127,37 @@ def test_a_service_keeps_its_runtime_without_readers_or_import_cycles(render, ta
 
 
 def test_the_runtime_guard_reads_worker_counts_and_drivers_as_poolwise_does(render) -> None:
-    """The guard's copy of the few rules a process needs gives poolwise.rule's answers."""
+    """The guard's copy of the few rules a process needs gives poolwise's answers: worker
+    counts as poolwise.shapes.processes reads them, drivers as poolwise.rule judges them."""
     project = render({"target": "k8s-async"})
     generator = random.Random(18)
-    tokens = ["uvicorn", "gunicorn", "app:create_app", "--workers", "-w", "--workers=3", "-w4"]
-    tokens += ["8", "$(N)", "${N}", "$N", "$(UNSET)", "x", "--factory", "-c", "-w=2", "--port"]
-    argvs = [[generator.choice(tokens) for _ in range(generator.randint(0, 6))] for _ in range(800)]
-    argvs += [["sh", "-c", " ".join(argv)] for argv in argvs[:200]]
-    env = {"N": "6"}
+    # Command lines as a running server sees them in sys.argv, and the environment it reads.
+    programs = [
+        ["/usr/local/bin/uvicorn"],
+        ["/venv/lib/python3.12/site-packages/uvicorn/__main__.py"],
+        ["gunicorn"],
+        ["/usr/local/bin/fastapi", "run"],
+        ["fastapi", "dev"],
+        ["hypercorn"],
+        [f"/app/src/{PACKAGE}/__main__.py"],
+    ]
+    tokens = ["app:create_app", "--workers", "-w", "--workers=3", "-w4", "8", "0", "x"]
+    tokens += ["--factory", "--reload", "-k", "-w=2", "--port", "--workers="]
+    variables = ["WEB_CONCURRENCY", "UVICORN_WORKERS", "GUNICORN_CMD_ARGS"]
+    values = ["2", "5", "0", "x", "-w 6", "--timeout 3 --workers=7", "--workers"]
+    argvs, envs = [], []
+    for _ in range(1500):
+        head = generator.choice(programs)
+        argvs.append([*head, *(generator.choice(tokens) for _ in range(generator.randint(0, 5)))])
+        chosen = generator.sample(variables, generator.randint(0, 3))
+        envs.append({name: generator.choice(values) for name in chosen})
+    default = 2
 
-    def verdict(function, *args):
+    def verdict(argv: list[str], environ: dict[str, str]) -> list[object]:
         try:
-            return ["ok", function(*args)]
-        except ValueError as error:
-            return ["error", str(error)]
+            return ["ok", processes_for_argv(argv, environ, package=PACKAGE, default=default)]
+        except Refused:
+            return ["error"]
 
     combos = [
         (pooler, mode, driver)
@@ -150,12 +169,12 @@ def test_the_runtime_guard_reads_worker_counts_and_drivers_as_poolwise_does(rend
 import json, sys
 from {PACKAGE}.db import declared, guard
 cases = json.load(sys.stdin)
-def verdict(function, *args):
+def verdict(argv, environ):
     try:
-        return ["ok", function(*args)]
-    except ValueError as error:
-        return ["error", str(error)]
-workers = [verdict(guard.workers_in_command, argv, cases["env"]) for argv in cases["argvs"]]
+        return ["ok", guard.workers_for(argv, environ, cases["default"])[0]]
+    except ValueError:
+        return ["error"]
+workers = [verdict(argv, env) for argv, env in zip(cases["argvs"], cases["envs"])]
 drivers = []
 for pooler, mode, driver in cases["combos"]:
     guard.DECLARED["service"]["pooler"] = pooler
@@ -166,7 +185,7 @@ print(json.dumps({{"workers": workers, "drivers": drivers, "minimums": declared.
     result = subprocess.run(
         python("-c", script),
         cwd=project,
-        input=json.dumps({"argvs": argvs, "env": env, "combos": combos}),
+        input=json.dumps({"argvs": argvs, "envs": envs, "default": default, "combos": combos}),
         env=clean_env(with_poolwise=False, PYTHONPATH="src"),
         capture_output=True,
         text=True,
@@ -174,7 +193,11 @@ print(json.dumps({{"workers": workers, "drivers": drivers, "minimums": declared.
         check=False,
     )
     runtime = json.loads(succeeded(result, project).stdout)
-    assert runtime["workers"] == [verdict(rule.workers_in_command, argv, env) for argv in argvs]
+    expected_workers = [verdict(argv, environ) for argv, environ in zip(argvs, envs, strict=True)]
+    assert runtime["workers"] == expected_workers
+    # Both outcomes and several counts occur, so the comparison says something.
+    assert {"ok", "error"} <= {found[0] for found in expected_workers}
+    assert len({found[1] for found in expected_workers if found[0] == "ok"}) >= 5
     expected = [
         rule.driver_error(
             rule.Topology("k8s-async", (), pooler=pooler, pool_mode=mode, driver=driver)

@@ -1,8 +1,8 @@
 """The Kubernetes files as `kubectl kustomize` builds them, with the file each resource came from.
 
 Each variant (the base, every overlay) is built on its own through a wrapper kustomization that
-adds origin annotations without touching the team's files. Without kustomize the base's files
-are read as they are (patches not applied), and the reading says so.
+adds origin annotations without touching the team's files. Without kustomize nothing is read:
+the files alone are not what is applied, so the variant is refused with the fix (ToolMissing).
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def kustomize_build(root: Path, variant: str) -> list[dict[str, Any]]:
     if command is None:
         raise ToolMissing(
             f"{variant}: building it needs kustomize (`kubectl kustomize` or `kustomize build`),"
-            " which is not installed; install kubectl to check what this variant applies"
+            " which is not installed -> the budget cannot read what this variant applies; install"
+            " kubectl (or kustomize) where the budget runs"
         )
     # A wrapper kustomization adds origin annotations without touching the team's files.
     with tempfile.TemporaryDirectory(prefix=".budget-build-", dir=root) as wrapper:
@@ -70,52 +71,45 @@ def kustomize_build(root: Path, variant: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if isinstance(doc, dict)]
 
 
-def read_resources(root: Path, directory: Path, notes: list[str]) -> list[dict[str, Any]]:
-    """The resources a kustomization lists, read without kustomize (patches are not applied)."""
+def kustomization_files(directory: Path) -> set[Path]:
+    """Every file a kustomization reads from its own directory: itself, its resources (and the
+    kustomizations they name, recursively), patches, generators' files and components."""
+    files: set[Path] = set()
+    for name in ("kustomization.yaml", "kustomization.yml", "Kustomization"):
+        if (directory / name).exists():
+            files.add(directory / name)
     spec = kustomization(directory)
-    documents: list[dict[str, Any]] = []
-    relative_dir = directory.relative_to(root).as_posix()
-    for entry in spec.get("resources", []):
-        path = directory / str(entry)
+
+    def entries() -> list[str]:
+        found: list[str] = []
+        for key in ("resources", "components", "crds", "patchesStrategicMerge", "bases"):
+            found += [str(entry) for entry in spec.get(key, []) or []]
+        for key in ("patches", "patchesJson6902", "replacements"):
+            found += [
+                str(e["path"])
+                for e in spec.get(key, []) or []
+                if isinstance(e, dict) and "path" in e
+            ]
+        for key in ("configMapGenerator", "secretGenerator"):
+            for generator in spec.get(key, []) or []:
+                for item in [*(generator.get("files") or []), *(generator.get("envs") or [])]:
+                    found.append(str(item).rpartition("=")[2])
+                if generator.get("env"):
+                    found.append(str(generator["env"]))
+        for key in ("generators", "transformers", "validators"):
+            found += [str(entry) for entry in spec.get(key, []) or [] if isinstance(entry, str)]
+        return found
+
+    for entry in entries():
+        path = (directory / entry).resolve()
         if path.is_dir():
-            documents += read_resources(root, path, notes)
-        elif path.exists():
-            relative = path.relative_to(root).as_posix()
-            for doc in load_all(path, relative):
-                doc.setdefault("metadata", {}).setdefault("annotations", {})[
-                    "config.kubernetes.io/origin"
-                ] = f"path: {relative}\n"
-                documents.append(doc)
-        else:
-            raise Unreadable(
-                f"{relative_dir}/kustomization.yaml: resources lists {entry}, which does not"
-                " exist; fix the entry"
-            )
-    for generator in spec.get("configMapGenerator", []):
-        data = {}
-        for item in generator.get("files", []):
-            key, _, name = str(item).rpartition("=")
-            file = directory / name
-            data[key or Path(name).name] = file.read_text()
-        for literal in generator.get("literals", []):
-            key, _, value = str(literal).partition("=")
-            data[key] = value
-        documents.append(
-            {
-                "kind": "ConfigMap",
-                "metadata": {
-                    "name": generator["name"],
-                    "annotations": {
-                        "config.kubernetes.io/origin": f"path: {relative_dir}/kustomization.yaml\n"
-                    },
-                },
-                "data": data,
-            }
-        )
-    for key in ("patches", "patchesStrategicMerge", "patchesJson6902", "replicas", "components"):
-        if spec.get(key):
-            notes.append(f"{relative_dir}/kustomization.yaml: {key}")
-    return documents
+            files |= kustomization_files(path)
+        elif path.is_file():
+            files.add(path)
+    if spec.get("helmCharts"):
+        home = (spec.get("helmGlobals") or {}).get("chartHome") or "charts"
+        files |= {path for path in (directory / str(home)).rglob("*") if path.is_file()}
+    return {path.resolve() for path in files}
 
 
 def origin_of(doc: dict[str, Any], variant: str) -> str:

@@ -62,8 +62,11 @@ class Reading:
     inputs: list[Input]
     findings: list[str] = field(default_factory=list)
     documents: list[dict[str, Any]] = field(default_factory=list)
-    # Why part of this variant could not be read as it would be applied (a missing tool).
+    # Why part of this variant could not be read as it would be applied; no reader sets it
+    # today (a missing tool is refused instead), and every caller treats it as unreadable.
     incomplete: str = ""
+    # What db/topology.toml keeps out of the budget on purpose ([[excluded]]), one line each.
+    excluded: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         """Every reason this variant does not fit, one line each; empty when it fits."""
@@ -81,6 +84,9 @@ class Reading:
         rows = [f"{self.variant}:", rule.render_table(self.topology, self.limits)]
         rows.append("the inputs of the formula and where they are set:")
         rows += [item.row() for item in self.inputs]
+        if self.excluded:
+            rows.append("excluded by db/topology.toml [[excluded]], not counted:")
+            rows += self.excluded
         if self.incomplete:
             rows.append(f"not read as applied: {self.incomplete}")
         return "\n".join(rows)

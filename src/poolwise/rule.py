@@ -9,8 +9,6 @@ template's tests prove the two agree (tests/test_budget_mirror.py).
 
 from __future__ import annotations
 
-import math
-import re
 from typing import NamedTuple
 
 # Alembic runs as one NullPool connection (the migration Job, or a one-off task) next to the app.
@@ -24,8 +22,6 @@ CONCURRENT_RUNS = {"": 1, "Forbid": 1, "Replace": 2}
 
 # Command-line flags that set a worker count (uvicorn --workers, gunicorn -w), and shells whose
 # `-c` string holds the real command line.
-WORKER_FLAGS = ("--workers", "-w")
-SHELLS = ("sh", "bash", "dash", "ash", "/bin/sh", "/bin/bash", "/bin/dash", "/bin/ash")
 # The smallest value each number may take. SQLAlchemy reads pool_size 0 and max_overflow -1 as
 # "no limit", so a smaller value is not a small pool but an unbounded one.
 MINIMUMS = {
@@ -65,56 +61,6 @@ def at_least_minimum(name: str, value: int, where: str) -> int:
             )
         )
     return value
-
-
-def surge_count(raw: int | str, replicas: int) -> int:
-    """A rolling update's maxSurge as pods: a percentage rounds up, as Kubernetes does."""
-    if isinstance(raw, str) and raw.endswith("%"):
-        return math.ceil(int(raw[:-1]) * replicas / 100)
-    return int(raw)
-
-
-def unavailable_count(raw: int | str, replicas: int) -> int:
-    """A rolling update's maxUnavailable as pods: a percentage rounds down, as Kubernetes does."""
-    if isinstance(raw, str) and raw.endswith("%"):
-        return int(raw[:-1]) * replicas // 100
-    return int(raw)
-
-
-def workers_in_command(argv: list[str], env: dict[str, str] | None = None) -> int | None:
-    """The worker count a command line asks for (uvicorn/gunicorn --workers, -w), if any.
-
-    A shell command line (``sh -c "..."``) is split as the shell would; ``$(VAR)`` (Kubernetes)
-    and ``$VAR``/``${VAR}`` (shell) are taken from env. Raises ValueError for a count it cannot
-    read.
-    """
-    tokens = [str(token) for token in argv]
-    if tokens and tokens[0] in SHELLS and "-c" in tokens[:-1]:
-        import shlex  # only a shell command line needs it
-
-        tokens = shlex.split(tokens[tokens.index("-c") + 1])
-    found: str | None = None
-    for index, token in enumerate(tokens):
-        for flag in WORKER_FLAGS:
-            if token == flag and index + 1 < len(tokens):
-                found = tokens[index + 1]
-            elif token.startswith(f"{flag}=") and flag.startswith("--"):
-                found = token.split("=", 1)[1]
-            elif flag == "-w" and token.startswith("-w") and token[2:].isdigit():
-                found = token[2:]
-    if found is None:
-        return None
-    reference = re.fullmatch(
-        r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)|\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", found
-    )
-    if reference and env is not None:
-        name = reference.group(1) or reference.group(2)
-        if name in env:
-            found = env[name]
-    try:
-        return int(found)
-    except ValueError:
-        raise ValueError(f"--workers {found!r} is not a whole number") from None
 
 
 # The records below are NamedTuples: immutable, and `_replace` gives a changed copy (the tests

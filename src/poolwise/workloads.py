@@ -1,18 +1,28 @@
-"""Kubernetes workloads: every Deployment, CronJob and Job that runs the service's image.
+"""Kubernetes workloads: every resource whose pods run the service's image, counted or refused.
 
-The HPA that targets a Deployment gives its replicas (spec.replicas when there is none), the
-rollout its surge and terminating pods; the app container is found by name, its environment is
-resolved from env, valueFrom and envFrom, and its worker count from its command and args.
+Each built document is checked first: a kind that runs pods and is not understood is refused
+(poolwise.shapes.containers). A workload is the service's when any of its containers, init
+containers and native sidecars included, runs the service image's repository, whatever the
+registry, tag or digest (before and after kustomize ``images:``); each such container counts
+with its own environment (poolwise.shapes.environment) and its own process count
+(poolwise.shapes.processes). Replicas come from the HPA or KEDA ScaledObject that targets the
+workload, else spec.replicas; a rollout adds its surge and terminating pods, an Argo Rollout
+what its strategy runs at its peak (poolwise.shapes.autoscaling).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from . import rule
-from .errors import ToolMissing, Unreadable
-from .kustomize import K8S_BASE, generated_from, kustomize_build, origin_of, read_resources
+from .errors import Unreadable
+from .kustomize import generated_from, kustomization, origin_of
 from .manifests import integer
 from .poolers import PGBOUNCER_INI, RDS_PROXY_TEMPLATE, pgbouncer_settings, rds_proxy
 from .reading import (
@@ -27,97 +37,121 @@ from .reading import (
     pool_share,
     read_text,
 )
+from .shapes import Refused
+from .shapes.autoscaling import (
+    Autoscaler,
+    autoscaler,
+    autoscaler_for,
+    fenceposts,
+    peak_pods,
+    unmatched,
+)
+from .shapes.containers import (
+    ServiceContainer,
+    parse_image,
+    pod_template,
+    refuse_not_understood,
+    runs_pods,
+    service_containers,
+)
+from .shapes.environment import Environment, container_environment
+from .shapes.processes import processes_per_pod
 
 MIGRATION_CONTAINER = "migrate"
+# The Secret key that holds the direct DSN; the pooler's DSN is under any other key.
+MIGRATION_SECRET_KEY = "url"
 # The rendered PgBouncer Deployment: one instance, Recreate (rule.Topology counts one).
 PGBOUNCER_DECLARED = {"replicas_max": 1, "max_surge": 0}
-WORKLOAD_KINDS = ("Deployment", "CronJob", "Job")
-UNCOUNTED_KINDS = ("StatefulSet", "DaemonSet", "ReplicaSet", "Pod", "ReplicationController")
+BATCH_KINDS = ("Job", "CronJob", "ScaledJob")
 # Kubernetes' defaults for a Deployment's rollout and a pod's grace period.
 DEFAULT_SURGE = "25%"
 DEFAULT_UNAVAILABLE = "25%"
 DEFAULT_GRACE_SECONDS = 30
 
 
-def pod_spec(doc: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    if doc["kind"] == "CronJob":
-        return doc.get("spec", {}).get("jobTemplate", {}).get("spec", {}).get("template", {}).get(
-            "spec", {}
-        ), "spec.jobTemplate.spec.template.spec"
-    if doc["kind"] == "Pod":
-        return doc.get("spec", {}), "spec"
-    return doc.get("spec", {}).get("template", {}).get("spec", {}), "spec.template.spec"
+def refused(error: Refused) -> Unreadable:
+    """A shape the readers cannot count, as the budget's one-line refusal."""
+    return Unreadable(str(error))
 
 
-def containers(doc: dict[str, Any]) -> list[tuple[int, dict[str, Any], str]]:
-    pod, path = pod_spec(doc)
-    return [
-        (index, container, f"{path}.containers[{index}]")
-        for index, container in enumerate(pod.get("containers", []) or [])
-    ]
+@dataclass(frozen=True)
+class Built:
+    """One resource of a variant and the file (with the kustomizations that changed it)."""
+
+    doc: dict[str, Any]
+    origin: str
 
 
 class KubernetesReader:
-    def __init__(self, project: Project, variant: str) -> None:
+    def __init__(self, project: Project, variant: str, documents: list[Built]) -> None:
         self.project = project
         self.variant = variant
+        self.built = documents
         self.findings: list[str] = []
         self.inputs: list[Input] = []
 
-    def documents(self) -> tuple[list[dict[str, Any]], str]:
-        root = self.project.root
-        try:
-            return kustomize_build(root, self.variant), ""
-        except ToolMissing as missing:
-            if self.variant != K8S_BASE:
-                raise
-            notes: list[str] = []
-            documents = read_resources(root, root / K8S_BASE, notes)
-            reason = f"{missing}; read the files without kustomize"
-            if notes:
-                reason += f", not applying {', '.join(notes)}"
-            return documents, reason
-
     def read(self) -> Reading:
-        documents, incomplete = self.documents()
-        configmaps = {
-            doc["metadata"]["name"]: doc for doc in documents if doc.get("kind") == "ConfigMap"
+        try:
+            return self._read()
+        except Refused as error:
+            raise refused(error) from None
+
+    def _read(self) -> Reading:
+        for item in self.built:
+            refuse_not_understood(item.doc, item.origin)
+        config_maps = {
+            str(item.doc.get("metadata", {}).get("name")): _string_data(item)
+            for item in self.built
+            if item.doc.get("kind") == "ConfigMap"
         }
-        hpas = {
-            (
-                doc.get("spec", {}).get("scaleTargetRef", {}).get("kind"),
-                doc.get("spec", {}).get("scaleTargetRef", {}).get("name"),
-            ): doc
-            for doc in documents
-            if doc.get("kind") == "HorizontalPodAutoscaler"
+        self.config_map_origins = {
+            str(item.doc.get("metadata", {}).get("name")): item.origin
+            for item in self.built
+            if item.doc.get("kind") == "ConfigMap"
         }
-        images = self._service_images(documents)
+        autoscalers = [found for item in self.built if (found := autoscaler(item.doc, item.origin))]
+        stray = unmatched(autoscalers, [item.doc for item in self.built])
+        if stray:
+            scaler = stray[0]
+            raise Unreadable(
+                f"{scaler.file}: {scaler.kind} {scaler.name} scales {scaler.target_kind}"
+                f" {scaler.target_name}, which is not in {self.variant} -> the budget cannot count"
+                " the pods it scales; add the workload to the same kustomization or fix"
+                " scaleTargetRef"
+            )
+        images = self._service_images()
+        resources = [(item.doc, item.origin) for item in self.built]
         workloads = []
-        for doc in documents:
-            kind = doc.get("kind")
-            if kind not in WORKLOAD_KINDS and kind not in UNCOUNTED_KINDS:
+        for item in self.built:
+            if not runs_pods(item.doc) or _is_pgbouncer(item.doc):
                 continue
-            for _, container, path in containers(doc):
-                if not self._is_service(container, images):
+            template = pod_template(item.doc, item.origin, resources)
+            found = service_containers(
+                template.spec, sorted(images), file=item.origin, field=template.field
+            )
+            for container in found:
+                where = f"{item.origin}: {container.field}"
+                if self._is_migration(container.container):
+                    self._check_migration(item, container, where)
                     continue
-                where = f"{origin_of(doc, self.variant)}: {path}"
-                if self._is_migration(container):
-                    self._check_migration(doc, container, where)
-                    continue
-                if kind in UNCOUNTED_KINDS:
-                    raise Unreadable(
-                        f"{where} runs the service image in a {kind} -> the budget counts"
-                        " Deployments, CronJobs and Jobs; run it as one of those"
-                    )
-                env = self._env(container, configmaps, where)
-                workloads.append(self._workload(doc, container, env, hpas, where))
+                env = container_environment(
+                    container.container,
+                    file=item.origin,
+                    field=container.field,
+                    config_maps=config_maps,
+                )
+                alone = len(found) == 1 or all(
+                    self._is_migration(other.container) for other in found if other != container
+                )
+                workloads.append(
+                    self._workload(item, template.spec, container, env, autoscalers, where, alone)
+                )
         if not workloads:
             raise Unreadable(
-                f"{self.variant}: no Deployment, CronJob or Job runs a container named"
-                f" {self.project.container!r} -> the budget cannot find the service; keep the"
-                " container's name"
+                f"{self.variant}: no workload runs the service image ({', '.join(sorted(images))})"
+                " -> the budget cannot find the service; keep the image's repository name"
             )
-        topology = self._topology(tuple(workloads), documents, hpas)
+        topology = self._topology(tuple(workloads), autoscalers)
         limits = limits_inputs(self.project, self.inputs)
         return Reading(
             self.variant,
@@ -125,118 +159,101 @@ class KubernetesReader:
             limits,
             self.inputs,
             self.findings,
-            documents,
-            incomplete,
+            [item.doc for item in self.built],
         )
 
     # -- which containers are the service
 
-    def _service_images(self, documents: list[dict[str, Any]]) -> set[str]:
+    def _service_images(self) -> set[str]:
+        """The service image's repositories: the images of the containers named as the service
+        and its migration (as written and after kustomize ``images:``), and the names the
+        kustomizations under deploy/ give it."""
         names = {self.project.container, MIGRATION_CONTAINER}
-        return {
-            str(container.get("image"))
-            for doc in documents
-            for _, container, _ in containers(doc)
-            if container.get("name") in names and container.get("image")
-        }
-
-    def _is_service(self, container: dict[str, Any], images: set[str]) -> bool:
-        return container.get("name") == self.project.container or container.get("image") in images
+        images: set[str] = set()
+        # This variant's resources, and the manifests under deploy/ as written: a chart variant
+        # is the service's when it runs the image the service's own manifests name.
+        documents = [item.doc for item in self.built] + _written(self.project.root / "deploy")
+        for doc in documents:
+            if not runs_pods(doc):
+                continue
+            for key in ("containers", "initContainers"):
+                for container in _pod_containers(doc, key):
+                    if container.get("name") in names and container.get("image"):
+                        images.add(str(container["image"]))
+        # kustomize `images:` renames the repository; a workload written with either name runs
+        # the service (a file read before the rename, a chart that writes the new one).
+        for path in sorted((self.project.root / "deploy").rglob("kustomization.y*ml")):
+            for entry in kustomization(path.parent).get("images", []) or []:
+                old, new = entry.get("name"), entry.get("newName")
+                if not old:
+                    continue
+                repositories = {_repository(str(image)) for image in images}
+                if _repository(str(old)) in repositories or (
+                    new and _repository(str(new)) in repositories
+                ):
+                    images.update(str(name) for name in (old, new) if name)
+        if not images:
+            raise Unreadable(
+                f"{self.variant}: no container is named {self.project.container!r} ->"
+                f" {self.project.topology_file} [service] container names the service's"
+                " container; keep the container's name"
+            )
+        return images
 
     @staticmethod
-    def _is_migration(container: dict[str, Any]) -> bool:
+    def _is_migration(container: Mapping[str, Any]) -> bool:
         command = [str(part) for part in container.get("command", []) or []]
         return container.get("name") == MIGRATION_CONTAINER or "alembic" in command[:1]
 
-    def _check_migration(self, doc: dict[str, Any], container: dict[str, Any], where: str) -> None:
+    def _check_migration(self, item: Built, container: ServiceContainer, where: str) -> None:
+        doc = item.doc
         if doc["kind"] != "Job":
             raise Unreadable(
                 f"{where} runs the migration in a {doc['kind']} -> the budget counts one migration"
                 " connection, from one Job pod; run migrations as a Job"
             )
-        parallelism = integer(doc.get("spec", {}).get("parallelism", 1), f"{where} parallelism")
+        source = f"{item.origin}: spec.parallelism"
+        parallelism = integer(doc.get("spec", {}).get("parallelism", 1), source)
         if parallelism > rule.MIGRATION_CONNECTIONS:
-            origin = origin_of(doc, self.variant)
             self.findings.append(
-                f"{origin}: spec.parallelism={parallelism} -> the connection budget counts"
+                f"{source}={parallelism} -> the connection budget counts"
                 f" {rule.MIGRATION_CONNECTIONS} migration connection; run one migration pod"
             )
-        for item in container.get("env", []) or []:
-            key = item.get("valueFrom", {}).get("secretKeyRef", {}).get("key")
-            if item.get("name") == "DATABASE_URL" and key not in (None, "url"):
+        for index, env in enumerate(container.container.get("env", []) or []):
+            key = (env.get("valueFrom") or {}).get("secretKeyRef", {}).get("key")
+            if env.get("name") == "DATABASE_URL" and key not in (None, MIGRATION_SECRET_KEY):
                 self.findings.append(
-                    f"{where}.env DATABASE_URL from Secret key {key!r} -> migrations must connect"
-                    " to PostgreSQL directly (key 'url'), never through a pooler; use key url"
+                    f"{where}.env[{index}] DATABASE_URL from Secret key {key!r} -> migrations"
+                    " must connect to PostgreSQL directly (key 'url'), never through a pooler;"
+                    " use key url"
                 )
-
-    # -- environment
-
-    def _env(
-        self, container: dict[str, Any], configmaps: dict[str, dict[str, Any]], where: str
-    ) -> Env:
-        env = Env()
-        for index, source in enumerate(container.get("envFrom", []) or []):
-            ref = source.get("configMapRef")
-            if not ref:
-                continue
-            configmap = configmaps.get(ref.get("name"))
-            if configmap is None:
-                if ref.get("optional"):
-                    continue
-                raise Unreadable(
-                    f"{where}.envFrom[{index}].configMapRef.name={ref.get('name')} -> no ConfigMap"
-                    " of that name is in the build; add it to the kustomization or fix the name"
-                )
-            origin = origin_of(configmap, self.variant)
-            prefix = source.get("prefix", "")
-            for key, value in (configmap.get("data") or {}).items():
-                env.values[prefix + key] = (str(value), f"{origin}: data.{key}")
-        for index, item in enumerate(container.get("env", []) or []):
-            name = item.get("name")
-            field_where = f"{where}.env[{index}] {name}"
-            if "value" in item:
-                env.values[name] = (str(item["value"]), field_where)
-                continue
-            ref = (item.get("valueFrom") or {}).get("configMapKeyRef")
-            if ref:
-                configmap = configmaps.get(ref.get("name"))
-                data = (configmap or {}).get("data") or {}
-                if ref.get("key") in data:
-                    origin = origin_of(configmap, self.variant)  # type: ignore[arg-type]
-                    env.values[name] = (str(data[ref["key"]]), f"{origin}: data.{ref['key']}")
-                elif not ref.get("optional") and name in {**BUDGET_VARIABLES, **RANGE_VARIABLES}:
-                    raise Unreadable(
-                        f"{field_where}: configMapKeyRef {ref.get('name')}/{ref.get('key')} is"
-                        " not in the build -> the budget cannot read it; add the ConfigMap key"
-                    )
-                continue
-            if name in BUDGET_VARIABLES or name in RANGE_VARIABLES:
-                raise Unreadable(
-                    f"{field_where} is set from {sorted(item.get('valueFrom') or {})} -> the"
-                    " budget can only read a value or a ConfigMap; set it with value: or"
-                    " configMapKeyRef"
-                )
-        return env
 
     # -- one workload
 
     def _workload(
         self,
-        doc: dict[str, Any],
-        container: dict[str, Any],
-        env: Env,
-        hpas: dict[tuple[Any, Any], dict[str, Any]],
+        item: Built,
+        pod: Mapping[str, Any],
+        container: ServiceContainer,
+        env: Environment,
+        autoscalers: list[Autoscaler],
         where: str,
+        alone: bool,
     ) -> rule.Workload:
+        doc = item.doc
         name = f"{doc['kind']}/{doc['metadata']['name']}"
-        inputs, pool_size, max_overflow = pool_share(self.project, self.findings, env)
+        if not alone:
+            # Several containers of one pod run the image: name each by its field.
+            name += f" {container.field.rsplit('.', 1)[-1]} {container.container.get('name')}"
+        plain = _budget_env(env, item.origin, self.config_map_origins)
+        inputs, pool_size, max_overflow = pool_share(self.project, self.findings, plain)
         for variable in RANGE_VARIABLES:
-            if variable in env.values:
-                env_int(self.project, self.findings, env, variable, 1, None)
-        if doc["kind"] == "Deployment":
-            workload = self._deployment(doc, container, env, hpas, where, name, inputs)
+            if variable in plain.values:
+                env_int(self.project, self.findings, plain, variable, 1, None)
+        if doc["kind"] in BATCH_KINDS:
+            workload = self._batch(item, plain, inputs)
         else:
-            workload = self._batch(doc, env, name, inputs)
+            workload = self._pods(item, pod, container, env, autoscalers, where, inputs)
         self.inputs += inputs
         return rule.Workload(
             name=name,
@@ -246,60 +263,64 @@ class KubernetesReader:
             **workload,
         )
 
-    def _processes_per_pod(
-        self, container: dict[str, Any], env: Env, where: str, inputs: list[Input]
+    def _processes(
+        self, container: ServiceContainer, env: Environment, where: str, inputs: list[Input]
     ) -> int:
         declared = self.project.declared_value("processes", "workers_per_pod")
-        argv = [*(container.get("command") or []), *(container.get("args") or [])]
-        try:
-            workers = rule.workers_in_command(argv, env.plain())
-        except ValueError as error:
-            raise Unreadable(
-                f"{where}.command/args: {error} -> the budget cannot count the workers; write"
-                " --workers N or set WEB_CONCURRENCY"
-            ) from None
-        if workers is not None:
-            item = Input("workers_per_pod", workers, f"{where}.command/args --workers", declared)
-            rule.at_least_minimum("workers_per_pod", workers, item.source)
-        else:
-            item = env_int(
-                self.project, self.findings, env, "WEB_CONCURRENCY", declared or 1, declared
-            )
+        origin = where.split(": spec", 1)[0]
+        found = processes_per_pod(
+            container.container,
+            env,
+            file=origin,
+            field=container.field,
+            package=self.project.package,
+            default=declared or 1,
+            image_cmd=("python", "-m", self.project.package),
+        )
+        source = found.source
+        variable = source.rsplit(": ", 1)[-1]
+        if env.get(variable) is not None:
+            # A count from the environment: name the ConfigMap key or env entry that set it.
+            source = env_source(env, variable, origin, self.config_map_origins)
+        item = Input("workers_per_pod", found.count, source, declared)
         inputs.append(item)
-        if declared is not None and item.value > declared:
+        try:
+            rule.at_least_minimum("workers_per_pod", found.count, source)
+        except rule.OutOfRange as refusal:
+            self.findings.append(str(refusal))
+        if declared is not None and found.count > declared:
             self.findings.append(
                 f"{item.source}={item.value} -> more worker processes than"
                 f" {self.project.topology_file} declares (workers_per_pod = {declared}), and each"
                 " process refuses to start past it (db/guard.py); change [processes] there too"
             )
-        return item.value
+        return found.count
 
-    def _deployment(
+    def _pods(
         self,
-        doc: dict[str, Any],
-        container: dict[str, Any],
-        env: Env,
-        hpas: dict[tuple[Any, Any], dict[str, Any]],
+        item: Built,
+        pod: Mapping[str, Any],
+        container: ServiceContainer,
+        env: Environment,
+        autoscalers: list[Autoscaler],
         where: str,
-        name: str,
         inputs: list[Input],
-    ) -> dict[str, int]:
-        pods = pods_at_once(doc, hpas, self.variant, self.project, self.findings)
+    ) -> dict[str, Any]:
+        pods = pods_at_once(item, pod, autoscalers, self.project, self.findings)
         inputs += pods.inputs
-        processes = self._processes_per_pod(container, env, where, inputs)
+        processes = self._processes(container, env, where, inputs)
         return {
             "kind": "k8s",
             "replicas": pods.replicas,
             "max_surge": pods.surge,
             "terminating": pods.terminating,
             "processes_per_pod": processes,
-        }  # type: ignore[return-value]
+        }
 
-    def _batch(
-        self, doc: dict[str, Any], env: Env, name: str, inputs: list[Input]
-    ) -> dict[str, Any]:
-        origin = origin_of(doc, self.variant)
+    def _batch(self, item: Built, env: Env, inputs: list[Input]) -> dict[str, Any]:
+        doc, origin = item.doc, item.origin
         declared = self.project.declared.get("processes", {})
+        runs = 1
         if doc["kind"] == "CronJob":
             policy = doc.get("spec", {}).get("concurrencyPolicy", "Allow")
             source = f"{origin}: spec.concurrencyPolicy"
@@ -317,13 +338,19 @@ class KubernetesReader:
                     declared.get("batch_concurrency_policy"),
                 )
             )
-            job = doc["spec"].get("jobTemplate", {}).get("spec", {})
-            job_path = "spec.jobTemplate.spec"
+            job, job_path = (
+                doc["spec"].get("jobTemplate", {}).get("spec", {}),
+                "spec.jobTemplate.spec",
+            )
             runs = rule.CONCURRENT_RUNS[policy]
+            source = f"{origin}: {job_path}.parallelism"
+            parallelism = integer(job.get("parallelism", 1), source)
+        elif doc["kind"] == "Job":
+            source = f"{origin}: spec.parallelism"
+            parallelism = integer(doc.get("spec", {}).get("parallelism", 1), source)
         else:
-            job, job_path, runs = doc.get("spec", {}), "spec", 1
-        source = f"{origin}: {job_path}.parallelism"
-        parallelism = integer(job.get("parallelism", 1), source)
+            peak = peak_pods(doc, origin)
+            parallelism, source = peak.pods, peak.source
         rule.at_least_minimum("batch_parallelism", parallelism, source)
         inputs.append(
             Input("batch_parallelism", parallelism, source, declared.get("batch_parallelism"))
@@ -354,16 +381,13 @@ class KubernetesReader:
     # -- the path to PostgreSQL
 
     def _topology(
-        self,
-        workloads: tuple[rule.Workload, ...],
-        documents: list[dict[str, Any]],
-        hpas: dict[tuple[Any, Any], dict[str, Any]],
+        self, workloads: tuple[rule.Workload, ...], autoscalers: list[Autoscaler]
     ) -> rule.Topology:
         declared = self.project.declared
         pooler = declared["service"]["pooler"]
         extra: dict[str, Any] = {}
         if pooler == "pgbouncer":
-            extra = self._pgbouncer(documents, hpas)
+            extra = self._pgbouncer(autoscalers)
         elif pooler == "rds-proxy":
             extra = rds_proxy(self.project, RDS_PROXY_TEMPLATE, self.inputs, self.findings)
         return rule.Topology(
@@ -374,43 +398,118 @@ class KubernetesReader:
             **extra,
         )
 
-    def _pgbouncer(
-        self, documents: list[dict[str, Any]], hpas: dict[tuple[Any, Any], dict[str, Any]]
-    ) -> dict[str, Any]:
+    def _pgbouncer(self, autoscalers: list[Autoscaler]) -> dict[str, Any]:
         ini = next(
             (
-                doc
-                for doc in documents
-                if doc.get("kind") == "ConfigMap" and "pgbouncer.ini" in (doc.get("data") or {})
+                item
+                for item in self.built
+                if item.doc.get("kind") == "ConfigMap"
+                and "pgbouncer.ini" in (item.doc.get("data") or {})
             ),
             None,
         )
         if ini is None:
             text, where = read_text(self.project, PGBOUNCER_INI), PGBOUNCER_INI
         else:
-            text = ini["data"]["pgbouncer.ini"]
-            generated = generated_from(self.project.root, ini, "pgbouncer.ini")
-            where = generated or f"{origin_of(ini, self.variant)}: data.pgbouncer.ini"
+            text = ini.doc["data"]["pgbouncer.ini"]
+            generated = generated_from(self.project.root, ini.doc, "pgbouncer.ini")
+            where = generated or f"{ini.origin}: data.pgbouncer.ini"
         settings = pgbouncer_settings(text, where, self.inputs, self.project, self.findings)
         instances = 0
-        for doc in documents:
-            if doc.get("kind") not in ("Deployment", *UNCOUNTED_KINDS):
+        for item in self.built:
+            if not runs_pods(item.doc) or not _is_pgbouncer(item.doc):
                 continue
-            if not any(
-                "pgbouncer" in str(container.get("image", ""))
-                for _, container, _ in containers(doc)
-            ):
-                continue
-            if doc["kind"] != "Deployment":
+            if item.doc["kind"] != "Deployment":
                 raise Unreadable(
-                    f"{origin_of(doc, self.variant)} runs PgBouncer in a {doc['kind']} -> the"
+                    f"{item.origin} runs PgBouncer in a {item.doc['kind']} -> the"
                     " budget counts PgBouncer Deployments; use a Deployment"
                 )
-            pods = pods_at_once(doc, hpas, self.variant, self.project, self.findings, "pgbouncer_")
+            pod = pod_template(item.doc, item.origin).spec
+            pods = pods_at_once(item, pod, autoscalers, self.project, self.findings, "pgbouncer_")
             self.inputs += pods.inputs
             instances += pods.replicas + pods.surge + pods.terminating
         settings["pgbouncer_instances"] = max(instances, 1)
         return settings
+
+
+def _pod_containers(doc: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    """The containers under ``key`` of every pod template in ``doc`` (for finding images)."""
+    found: list[Mapping[str, Any]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Mapping):
+            for name, value in node.items():
+                if name == key and isinstance(value, list):
+                    found.extend(entry for entry in value if isinstance(entry, Mapping))
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for entry in node:
+                walk(entry)
+
+    walk(doc.get("spec"))
+    return found
+
+
+def _written(deploy: Path) -> list[dict[str, Any]]:
+    """The YAML documents under deploy/ outside Helm charts (whose templates are not YAML)."""
+    charts = [path.parent for path in deploy.rglob("Chart.yaml")]
+    documents: list[dict[str, Any]] = []
+    for path in sorted([*deploy.rglob("*.yaml"), *deploy.rglob("*.yml")]):
+        if any(path.is_relative_to(chart) for chart in charts):
+            continue
+        try:
+            documents += [
+                doc for doc in yaml.safe_load_all(path.read_text()) if isinstance(doc, dict)
+            ]
+        except (yaml.YAMLError, UnicodeDecodeError):
+            continue  # the build that includes the file refuses it with the parser's reason
+    return documents
+
+
+def _is_pgbouncer(doc: Mapping[str, Any]) -> bool:
+    return any(
+        "pgbouncer" in _repository(str(container.get("image", "")))
+        for container in _pod_containers(doc, "containers")
+    )
+
+
+def _repository(image: str) -> str:
+    """The last part of an image's repository name ("api" of registry:5000/team/api:1.2)."""
+    try:
+        return parse_image(image).repository.rsplit("/", 1)[-1]
+    except Refused:
+        return image
+
+
+def _string_data(item: Built) -> dict[str, str]:
+    data = item.doc.get("data") or {}
+    return {str(key): str(value) for key, value in data.items()}
+
+
+def env_source(env: Environment, variable: str, origin: str, config_maps: Mapping[str, str]) -> str:
+    """Where ``variable`` is set, as the reports name it: the ConfigMap's file and key, or the
+    workload's file and the env entry."""
+    value = env.get(variable)
+    assert value is not None
+    found = re.search(r"\((configMapRef|configMapKeyRef) ([^)/]+)(?:/([^)]+))?\)", value.source)
+    if found:
+        key = found.group(3) or variable
+        return f"{config_maps.get(found.group(2), origin)}: data.{key}"
+    return f"{origin}: {value.source} {variable}"
+
+
+def _budget_env(env: Environment, origin: str, config_maps: Mapping[str, str]) -> Env:
+    """The budget's inputs from a container's environment, each with the file and field that
+    set it; one from a Secret or from what the build does not hold is refused by name."""
+    plain = Env()
+    for variable in (*BUDGET_VARIABLES, *RANGE_VARIABLES):
+        text = env.require(
+            variable, fix=f"set {variable} with value: or from a ConfigMap under deploy/"
+        )
+        if text is not None:
+            plain.values[variable] = (text, env_source(env, variable, origin, config_maps))
+    return plain
 
 
 @dataclass
@@ -422,34 +521,64 @@ class _Pods:
 
 
 def pods_at_once(
-    doc: dict[str, Any],
-    hpas: dict[tuple[Any, Any], dict[str, Any]],
-    variant: str,
+    item: Built,
+    pod: Mapping[str, Any],
+    autoscalers: list[Autoscaler],
     project: Project,
     findings: list[str],
     prefix: str = "",
 ) -> _Pods:
-    """The pods of a Deployment that can hold connections at once, rollouts included.
+    """The pods of a workload that can hold connections at once, rollouts included.
 
-    Steady state is the HPA's maxReplicas (spec.replicas without an HPA). A RollingUpdate adds
-    maxSurge new pods, and old pods that are terminating are not counted against maxSurge while
-    their grace period runs: with minReadySeconds >= terminationGracePeriodSeconds each step's
-    old pods are gone before the next step, so at most maxSurge + maxUnavailable terminate at
-    once; otherwise every old pod may. Recreate stops every old pod before starting new ones.
+    Steady state is the autoscaler's maximum (HPA maxReplicas, KEDA maxReplicaCount), else
+    spec.replicas. A Deployment's RollingUpdate adds maxSurge new pods (Kubernetes'
+    fenceposts: surge rounds up, unavailable down), and old pods that are terminating are not
+    counted against maxSurge while their grace period runs: with minReadySeconds >=
+    terminationGracePeriodSeconds each step's old pods are gone before the next step, so at
+    most maxSurge + maxUnavailable terminate at once; otherwise every old pod may. Recreate
+    stops every old pod before starting new ones. Other kinds (Argo Rollouts, StatefulSets)
+    take their peak from poolwise.shapes.autoscaling; their old pods may all be terminating.
     """
-    origin = origin_of(doc, variant)
+    doc, origin = item.doc, item.origin
     spec = doc.get("spec", {}) or {}
-    name = doc["metadata"]["name"]
     declared = project.declared.get("processes", {}) if not prefix else PGBOUNCER_DECLARED
-    hpa = hpas.get(("Deployment", name))
-    if hpa is not None:
-        source = f"{origin_of(hpa, variant)}: spec.maxReplicas"
-        replicas = integer(hpa.get("spec", {}).get("maxReplicas"), source)
+    scaler = autoscaler_for(doc, autoscalers, origin)
+    if doc.get("kind") != "Deployment":
+        peak = peak_pods(doc, origin, autoscalers=autoscalers)
+        replicas_source, _, strategy = peak.source.partition("; ")
+        # A StatefulSet replaces a pod only after the old one has stopped; a blueGreen Rollout's
+        # old set is already counted whole beside the new one (peak_pods). Other old pods (a
+        # canary's) may all be stopping while the new ones run.
+        blue_green = "blueGreen" in ((spec.get("strategy") or {}) if spec else {})
+        stopping = doc.get("kind") in ("StatefulSet", "Pod", "ReplicaSet") or blue_green
+        terminating = 0 if stopping else peak.replicas
+        inputs = [
+            Input(
+                f"{prefix}replicas_max",
+                peak.replicas,
+                replicas_source,
+                declared.get("replicas_max"),
+            ),
+            Input(f"{prefix}max_surge", peak.surge, f"{origin}: {strategy or 'no rollout surge'}"),
+            Input(
+                f"{prefix}terminating",
+                terminating,
+                f"{origin}: "
+                + ("none beyond the pods counted" if stopping else "every old pod may be stopping"),
+            ),
+        ]
+        return _Pods(peak.replicas, peak.surge, terminating, inputs)
+    if scaler is not None:
+        field = scaler.source.removeprefix(f"{scaler.file}: {scaler.kind} {scaler.name} ")
+        if field.startswith("has no "):
+            field = f"spec.maxReplicaCount (not set: KEDA's default {scaler.max_replicas})"
+        source = f"{scaler.file}: {field}"
+        replicas = scaler.max_replicas
         if "replicas" in spec and integer(spec["replicas"], f"{origin}: spec.replicas") > replicas:
             findings.append(
                 f"{origin}: spec.replicas={spec['replicas']} -> more pods than {source}={replicas},"
-                " which the connection budget counts; remove replicas (the HPA owns the count)"
-                " or keep it <= maxReplicas"
+                " which the connection budget counts; remove replicas (the autoscaler owns the"
+                " count) or keep it <= its maximum"
             )
     else:
         source = f"{origin}: spec.replicas" + ("" if "replicas" in spec else " (not set: 1)")
@@ -462,18 +591,14 @@ def pods_at_once(
         return _Pods(replicas, 0, 0, inputs)
     rolling = strategy.get("rollingUpdate", {}) or {}
     surge_source = f"{origin}: spec.strategy.rollingUpdate.maxSurge"
-    try:
-        surge = rule.surge_count(rolling.get("maxSurge", DEFAULT_SURGE), replicas)
-        unavailable = rule.unavailable_count(
-            rolling.get("maxUnavailable", DEFAULT_UNAVAILABLE), replicas
-        )
-    except ValueError:
-        raise Unreadable(
-            f"{origin}: spec.strategy.rollingUpdate={rolling} -> maxSurge and maxUnavailable"
-            " must be a count or a percentage; fix them"
-        ) from None
+    surge, unavailable = fenceposts(
+        rolling.get("maxSurge", DEFAULT_SURGE),
+        rolling.get("maxUnavailable", DEFAULT_UNAVAILABLE),
+        replicas,
+        file=origin,
+        field="spec.strategy.rollingUpdate",
+    )
     inputs.append(Input(f"{prefix}max_surge", surge, surge_source, declared.get("max_surge")))
-    pod, _ = pod_spec(doc)
     grace = integer(
         pod.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS),
         f"{origin}: terminationGracePeriodSeconds",
@@ -493,3 +618,8 @@ def pods_at_once(
         )
     inputs.append(Input(f"{prefix}terminating", terminating, why))
     return _Pods(replicas, surge, terminating, inputs)
+
+
+def documents_of(built: list[dict[str, Any]], variant: str) -> list[Built]:
+    """A kustomize build's resources, each with the file it came from."""
+    return [Built(doc, origin_of(doc, variant)) for doc in built]
