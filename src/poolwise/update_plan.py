@@ -238,9 +238,10 @@ def _run_tests(root: Path, timeout: float) -> str:
         result = subprocess.run(
             TEST_COMMAND,
             cwd=root,
-            # The service's tests import its own src/ (its pytest config), never what a
+            # The service's tests import its own src/ (its pytest config) and, for the budget
+            # test, this poolwise (the dev dependency the update pins): nothing else a
             # PYTHONPATH set for poolwise points at.
-            env={key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
