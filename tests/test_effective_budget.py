@@ -1012,10 +1012,9 @@ def check(project: Path, row: Row) -> None:
         assert len(problems) == 1, shown
 
 
-@pytest.mark.parametrize("row", ROWS, ids=lambda row: row.id)
-def test_an_edit_of_deploy_is_judged_by_what_it_applies(
-    rendered: Callable[[str], Path], tmp_path: Path, row: Row
-) -> None:
+def judge(rendered: Callable[[str], Path], tmp_path: Path, row: Row) -> None:
+    """The row's edit on a copy of its rendered project, judged by both readers; with
+    ``row.restore``, undoing it fits again."""
     if ANSWERS[row.answers]["target"] != "lambda":
         kubectl("an edit of deploy/ as kustomize applies it")
     pristine = rendered(row.answers)
@@ -1028,6 +1027,13 @@ def test_an_edit_of_deploy_is_judged_by_what_it_applies(
         tested, command = budget_test(project), budget_command(project)
         assert tested.returncode == 0, tested.stdout[-3000:]
         assert command.returncode == 0, command.stdout[-3000:] + command.stderr[-3000:]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda row: row.id)
+def test_an_edit_of_deploy_is_judged_by_what_it_applies(
+    rendered: Callable[[str], Path], tmp_path: Path, row: Row
+) -> None:
+    judge(rendered, tmp_path, row)
 
 
 def path_without_kustomize(tmp_path: Path) -> str:

@@ -18,19 +18,15 @@ from pathlib import Path
 
 import pytest
 from test_effective_budget import (
-    ANSWERS,
     BASE,
     LIMITS,
     PACKAGE,
     SAM,
     Row,
-    budget_command,
-    budget_test,
-    check,
     in_project,
+    judge,
     rendered,  # noqa: F401 - the fixture, shared so each answer set renders once
     replace_once,
-    restore,
 )
 from tools import kubectl
 
@@ -367,18 +363,7 @@ def test_a_shape_is_counted_right_or_refused_by_name(
     tmp_path: Path,
     row: Row,
 ) -> None:
-    if ANSWERS[row.answers]["target"] != "lambda":
-        kubectl("an edit of deploy/ as kustomize applies it")
-    pristine = rendered(row.answers)
-    project = tmp_path / "project"
-    shutil.copytree(pristine, project)
-    row.edit(project)
-    check(project, row)
-    if row.restore:
-        restore(project, pristine)
-        tested, command = budget_test(project), budget_command(project)
-        assert tested.returncode == 0, tested.stdout[-3000:]
-        assert command.returncode == 0, command.stdout[-3000:] + command.stderr[-3000:]
+    judge(rendered, tmp_path, row)
 
 
 # ----------------------------------------------------------------------------- fleet and doctor
