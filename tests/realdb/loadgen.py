@@ -91,6 +91,14 @@ class LoadResult:
             f" ok/s {self.ok_per_second():.0f}, p50 {self.percentile(50) * 1000:.0f} ms,"
             f" p99 {self.percentile(99) * 1000:.0f} ms,"
             f" max {max((r.latency for r in self.records), default=0) * 1000:.0f} ms"
+            + "".join(f"\n  {count} x {answer}" for answer, count in self.answers().most_common(3))
+        )
+
+    def answers(self) -> Counter[str]:
+        """What the requests that failed were told: status and the start of the body or error."""
+        return Counter(
+            f"{record.status} {(record.error or record.body.decode(errors='replace'))[:160]}"
+            for record in self.failed()
         )
 
 

@@ -228,7 +228,7 @@ def test_exported_pool_metrics_match_the_pool_past_its_capacity(
     ok = result.ok()
     rejected = [record for record in result.records if record.status == 503]
     assert len(ok) + len(rejected) == sent, result.summary()
-    assert len(ok) == holding, result.summary()
+    assert len(ok) == holding, f"{result.summary()}\n{report}\n{service.log()[-3000:]}"
 
     after = scrape(service)
     _, total = backends(database, service.application_name)
