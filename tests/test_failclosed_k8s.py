@@ -9,6 +9,7 @@ table that the shape was counted right.
 
 from __future__ import annotations
 
+import configparser
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from test_effective_budget import (
     check,
     dump,
     edit,
+    in_project,
     load,
     path_without_kustomize,
     set_data,
@@ -405,6 +407,83 @@ def migration_through_pooler(project: Path) -> None:
     edit(project, MIGRATION, change)
 
 
+# ----------------------------------------------------------------------------- item 8
+
+POOLER = f"{BASE}/pooler.yaml"
+POOLER_NAME = f"{APP}-pooler"
+
+
+def pgbouncer_numbers(project: Path) -> dict[str, str]:
+    """The rendered pgbouncer.ini's numbers, as a Pooler's spec.pgbouncer.parameters."""
+    parser = configparser.ConfigParser(interpolation=None, strict=False, allow_no_value=True)
+    parser.read_string((project / "deploy/pgbouncer/pgbouncer.ini").read_text())
+    names = ("max_client_conn", "default_pool_size", "reserve_pool_size", "max_db_connections")
+    return {name: parser["pgbouncer"][name] for name in names}
+
+
+def cnpg_pooler(
+    instances: int | None, strategy: dict[str, Any] | None = None, keep_pgbouncer: bool = False
+) -> Callable[[Path], None]:
+    """PgBouncer run by CloudNativePG in place of deploy/pgbouncer, with the same numbers."""
+
+    def change(project: Path) -> None:
+        parameters = pgbouncer_numbers(project)
+        if not keep_pgbouncer:
+            edit(
+                project,
+                f"{BASE}/kustomization.yaml",
+                lambda k: k["resources"].remove("../pgbouncer"),
+            )
+            shutil.rmtree(project / "deploy/pgbouncer")
+        spec: dict[str, Any] = {
+            "cluster": {"name": "main"},
+            "type": "rw",
+            "pgbouncer": {"poolMode": "transaction", "parameters": parameters},
+        }
+        if instances is not None:
+            spec["instances"] = instances
+        if strategy is not None:
+            spec["deploymentStrategy"] = strategy
+        pooler = {
+            "apiVersion": "postgresql.cnpg.io/v1",
+            "kind": "Pooler",
+            "metadata": {"name": POOLER_NAME},
+            "spec": spec,
+        }
+        add_document(POOLER, pooler)(project)
+
+    return change
+
+
+def cnpg_pooler_scaled_by_hpa(project: Path) -> None:
+    cnpg_pooler(1, {"type": "Recreate"})(project)
+    scaler = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": POOLER_NAME},
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "postgresql.cnpg.io/v1",
+                "kind": "Pooler",
+                "name": POOLER_NAME,
+            },
+            "minReplicas": 1,
+            "maxReplicas": 5,
+        },
+    }
+    add_document(f"{BASE}/pooler-hpa.yaml", scaler)(project)
+
+
+def cnpg_pooler_without_pgbouncer_answer(project: Path) -> None:
+    pooler = {
+        "apiVersion": "postgresql.cnpg.io/v1",
+        "kind": "Pooler",
+        "metadata": {"name": POOLER_NAME},
+        "spec": {"cluster": {"name": "main"}, "instances": 2, "type": "rw", "pgbouncer": {}},
+    }
+    add_document(POOLER, pooler)(project)
+
+
 DEPLOY_ORIGIN = f"{DEPLOYMENT} (Deployment/{APP})"
 CONTAINER = f"{DEPLOY_ORIGIN}: spec.template.spec.containers[0]"
 
@@ -588,6 +667,60 @@ ROWS = [
         "unreadable",
         ("POOL_SIZE comes from a Secret",),
     ),
+    # 8. Poolers: PgBouncer run by CloudNativePG's operator.
+    Row(
+        "cnpg-pooler-one-instance-recreate",
+        "pgbouncer-tx",
+        cnpg_pooler(1, {"type": "Recreate"}),
+        "fits",
+        (
+            f"pgbouncer_replicas_max = 1  ({POOLER} (Pooler/{POOLER_NAME}): spec.instances)",
+            f"{POOLER} (Pooler/{POOLER_NAME}): spec.pgbouncer [pgbouncer] default_pool_size",
+        ),
+    ),
+    Row(
+        "cnpg-pooler-instances-multiply-server-connections",
+        "pgbouncer-tx",
+        cnpg_pooler(5, {"type": "Recreate"}),
+        "over",
+        (f"{POOLER} (Pooler/{POOLER_NAME}): spec.instances=5", "connection budget exceeded"),
+    ),
+    Row(
+        "cnpg-pooler-default-rollout-surges",
+        "pgbouncer-tx",
+        cnpg_pooler(None),
+        "fits",
+        (
+            "3 pgbouncer instances x (20 default_pool_size",
+            "pgbouncer_replicas_max = 1  (deploy/k8s/pooler.yaml (Pooler/poolwise-service-pooler):"
+            " spec.instances (not set: CloudNativePG's default 1))",
+            "pgbouncer_max_surge = 1  (deploy/k8s/pooler.yaml (Pooler/poolwise-service-pooler):"
+            " spec.deploymentStrategy.rollingUpdate.maxSurge, declared 0)",
+            "pgbouncer_terminating = 1  (deploy/k8s/pooler.yaml (Pooler/poolwise-service-pooler):"
+            " every old pod (the Deployment it runs sets no minReadySeconds))",
+        ),
+    ),
+    Row(
+        "cnpg-pooler-scaled-by-an-hpa",
+        "pgbouncer-tx",
+        cnpg_pooler_scaled_by_hpa,
+        "over",
+        ("spec.maxReplicas=5", "connection budget exceeded"),
+    ),
+    Row(
+        "cnpg-pooler-beside-the-pgbouncer-deployment",
+        "pgbouncer-tx",
+        cnpg_pooler(1, keep_pgbouncer=True),
+        "unreadable",
+        (f"{POOLER} (Pooler/{POOLER_NAME}) and deploy/pgbouncer/deployment.yaml",),
+    ),
+    Row(
+        "cnpg-pooler-in-a-service-without-pgbouncer",
+        "k8s-sync",
+        cnpg_pooler_without_pgbouncer_answer,
+        "unreadable",
+        (f"{POOLER} (Pooler/{POOLER_NAME}): a CloudNativePG Pooler runs PgBouncer",),
+    ),
     # 12. Branches no test pinned.
     Row(
         "max-unavailable-percentage-rounds-down",
@@ -655,3 +788,73 @@ def test_exclusion_without_a_reason_is_refused(
     assert command.returncode == 2, command.stdout + command.stderr
     first = command.stderr.splitlines()[0]
     assert "excluded[0] (deploy/extra) has no reason" in first, command.stderr
+
+
+# ----------------------------------------------------------------------------- item 9
+
+# What `poolwise fleet` and `doctor` carry in their environment on the platform's machines.
+PLATFORM_SECRET = "platform-pw-0f3a9c"
+
+
+def generated_pool_size(
+    project: Path, entry: str, field: str = "files", kind: str = "configMapGenerator"
+) -> None:
+    """A generator the base reads POOL_SIZE from, and a container that takes it."""
+
+    def generate(kustomization: dict[str, Any]) -> None:
+        generator = {"name": f"{APP}-extra", "options": {"disableNameSuffixHash": True}}
+        generator[field] = [entry]
+        kustomization.setdefault(kind, []).append(generator)
+
+    edit(project, f"{BASE}/kustomization.yaml", generate)
+    reference = "secretRef" if kind == "secretGenerator" else "configMapRef"
+    edit(
+        project,
+        DEPLOYMENT,
+        lambda d: app_container(d)["envFrom"].append({reference: {"name": f"{APP}-extra"}}),
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "first_line"),
+    [
+        ("process-environment", "security; file '/proc/self/environ' is not in or below"),
+        ("symlink-out-of-deploy", "is not in or below"),
+        ("secret-generator", "POOL_SIZE comes from a Secret"),
+    ],
+)
+def test_what_comes_from_outside_deploy_or_a_secret_is_refused_and_never_echoed(
+    rendered: Callable[[str], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    source: str,
+    first_line: str,
+) -> None:
+    """Item 9: kustomize keeps its default load restrictions, so a generator cannot read the
+    process's environment or a file outside the service through a symlink; a Secret's value is
+    named, never shown. The budget test, `poolwise budget` and `poolwise fleet` all refuse it,
+    and none of them prints the secret."""
+    kubectl("kustomize's load restrictions")
+    monkeypatch.setenv("POOLWISE_PLATFORM_DSN", f"postgresql://platform:{PLATFORM_SECRET}@db/app")
+    project = tmp_path / "project"
+    shutil.copytree(rendered("k8s-sync"), project)
+    if source == "process-environment":
+        generated_pool_size(project, "POOL_SIZE=/proc/self/environ")
+    elif source == "symlink-out-of-deploy":
+        outside = tmp_path / "platform.env"
+        outside.write_text(f"{PLATFORM_SECRET}\n")
+        (project / BASE / "pool-size.txt").symlink_to(outside)
+        generated_pool_size(project, "POOL_SIZE=pool-size.txt")
+    else:
+        generated_pool_size(project, f"POOL_SIZE={PLATFORM_SECRET}", "literals", "secretGenerator")
+    tested = budget_test(project)
+    command = budget_command(project)
+    fleet = in_project(project, "-m", "poolwise", "fleet", str(project))
+    shown = "\n".join(
+        f"--- {name}:\n{run.stdout[-3000:]}{run.stderr[-3000:]}"
+        for name, run in (("pytest", tested), ("budget", command), ("fleet", fleet))
+    )
+    assert (tested.returncode, command.returncode, fleet.returncode) == (1, 2, 2), shown
+    assert first_line in command.stderr.splitlines()[0], shown
+    assert first_line in fleet.stdout + fleet.stderr, shown
+    assert PLATFORM_SECRET not in shown, shown

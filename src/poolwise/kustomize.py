@@ -7,6 +7,7 @@ the files alone are not what is applied, so the variant is refused with the fix 
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -20,6 +21,7 @@ from .manifests import load_all
 
 DEPLOY = "deploy"
 K8S_BASE = "deploy/k8s"
+_KLOG_ERROR = re.compile(r'^E\d{4} [\d:.]+ +\d+ \S+\] "command failed" err="(.*)"$')
 CHANGING_TRANSFORMERS = (
     "PatchTransformer",
     "PatchStrategicMergeTransformer",
@@ -39,9 +41,9 @@ def kustomization(directory: Path) -> dict[str, Any]:
 
 def kustomize_command() -> list[str] | None:
     if shutil.which("kustomize"):
-        return ["kustomize", "build", "--load-restrictor", "LoadRestrictionsNone"]
+        return ["kustomize", "build"]
     if shutil.which("kubectl"):
-        return ["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone"]
+        return ["kubectl", "kustomize"]
     return None
 
 
@@ -67,6 +69,8 @@ def kustomize_build(root: Path, variant: str) -> list[dict[str, Any]]:
         )
     if result.returncode != 0:
         detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        # kubectl wraps kustomize's reason in a klog line: keep the reason alone.
+        detail = _KLOG_ERROR.sub(r"\1", detail)
         raise Unreadable(f"{variant}: kustomize cannot build it ({detail}); fix the kustomization")
     return [doc for doc in yaml.safe_load_all(result.stdout) if isinstance(doc, dict)]
 

@@ -98,7 +98,8 @@ class KubernetesReader:
 
     def _read(self) -> Reading:
         for item in self.built:
-            refuse_not_understood(item.doc, item.origin)
+            if not is_cnpg_pooler(item.doc):  # PgBouncer's pods: counted by _cnpg_pooler
+                refuse_not_understood(item.doc, item.origin)
         config_maps = {
             str(item.doc.get("metadata", {}).get("name")): _string_data(item)
             for item in self.built
@@ -122,8 +123,16 @@ class KubernetesReader:
         images = self._service_images()
         resources = [(item.doc, item.origin) for item in self.built]
         workloads = []
+        pooler = self.project.declared["service"]["pooler"]
         for item in self.built:
-            if not runs_pods(item.doc) or _is_pgbouncer(item.doc):
+            if is_cnpg_pooler(item.doc) and pooler != "pgbouncer":
+                raise Unreadable(
+                    f"{item.origin}: a CloudNativePG Pooler runs PgBouncer, but"
+                    f" {self.project.topology_file} says pooler = {pooler!r} -> the budget"
+                    " would not count its server connections; answer pooler=pgbouncer"
+                    " (copier update) or keep the Pooler out of this service's deploy/"
+                )
+            if not runs_pods(item.doc) or _is_pgbouncer(item.doc) or is_cnpg_pooler(item.doc):
                 continue
             template = pod_template(item.doc, item.origin, resources)
             found = service_containers(
@@ -399,6 +408,20 @@ class KubernetesReader:
         )
 
     def _pgbouncer(self, autoscalers: list[Autoscaler]) -> dict[str, Any]:
+        poolers = [item for item in self.built if is_cnpg_pooler(item.doc)]
+        deployments = [
+            item
+            for item in self.built
+            if runs_pods(item.doc) and _is_pgbouncer(item.doc) and not is_cnpg_pooler(item.doc)
+        ]
+        if poolers and deployments:
+            raise Unreadable(
+                f"{poolers[0].origin} and {deployments[0].origin} both run PgBouncer for the"
+                " service -> each opens its own server pools, with settings of its own; keep"
+                " one (the Pooler, or deploy/pgbouncer)"
+            )
+        if poolers:
+            return self._cnpg_pooler(poolers, autoscalers)
         ini = next(
             (
                 item
@@ -416,19 +439,48 @@ class KubernetesReader:
             where = generated or f"{ini.origin}: data.pgbouncer.ini"
         settings = pgbouncer_settings(text, where, self.inputs, self.project, self.findings)
         instances = 0
-        for item in self.built:
-            if not runs_pods(item.doc) or not _is_pgbouncer(item.doc):
-                continue
+        for item in deployments:
             if item.doc["kind"] != "Deployment":
                 raise Unreadable(
                     f"{item.origin} runs PgBouncer in a {item.doc['kind']} -> the"
-                    " budget counts PgBouncer Deployments; use a Deployment"
+                    " budget counts PgBouncer Deployments and CloudNativePG Poolers; use one"
                 )
             pod = pod_template(item.doc, item.origin).spec
             pods = pods_at_once(item, pod, autoscalers, self.project, self.findings, "pgbouncer_")
             self.inputs += pods.inputs
             instances += pods.replicas + pods.surge + pods.terminating
         settings["pgbouncer_instances"] = max(instances, 1)
+        return settings
+
+    def _cnpg_pooler(self, poolers: list[Built], autoscalers: list[Autoscaler]) -> dict[str, Any]:
+        """PgBouncer run by CloudNativePG's operator: a Pooler's own settings and instances.
+
+        The operator writes each Pooler's pgbouncer.ini from spec.pgbouncer (poolMode, default
+        session, and parameters), so deploy/pgbouncer/pgbouncer.ini is not what it runs; its
+        pods are a Deployment of spec.instances (default 1) with spec.deploymentStrategy, which an
+        HPA or ScaledObject can scale (the Pooler has a scale subresource).
+        https://cloudnative-pg.io/documentation/current/connection_pooling/
+        """
+        if len(poolers) > 1:
+            names = ", ".join(item.origin for item in poolers)
+            raise Unreadable(
+                f"{names}: more than one Pooler -> the budget counts one PgBouncer per service;"
+                " keep one Pooler, or keep the others out of this service's deploy/"
+            )
+        [item] = poolers
+        spec = item.doc.get("spec") or {}
+        pgbouncer = spec.get("pgbouncer") or {}
+        parameters = pgbouncer.get("parameters") or {}
+        where = f"{item.origin}: spec.pgbouncer"
+        if not isinstance(parameters, Mapping):
+            raise Unreadable(f"{where}.parameters: not a mapping; write name: value pairs")
+        lines = [f"pool_mode = {pgbouncer.get('poolMode', 'session')}"]
+        lines += [f"{name} = {value}" for name, value in parameters.items()]
+        text = "[pgbouncer]\n" + "\n".join(lines) + "\n"
+        settings = pgbouncer_settings(text, where, self.inputs, self.project, self.findings)
+        pods = pooler_pods(item, autoscalers)
+        self.inputs += pods.inputs
+        settings["pgbouncer_instances"] = max(pods.replicas + pods.surge + pods.terminating, 1)
         return settings
 
 
@@ -585,26 +637,53 @@ def pods_at_once(
         replicas = integer(spec.get("replicas", 1), source)
     rule.at_least_minimum("replicas_max", max(replicas, 1), source)
     inputs = [Input(f"{prefix}replicas_max", replicas, source, declared.get("replicas_max"))]
-    strategy = spec.get("strategy", {}) or {}
+    return _rollout(
+        origin,
+        replicas,
+        spec.get("strategy", {}) or {},
+        "spec.strategy",
+        pod,
+        integer(spec.get("minReadySeconds", 0), f"{origin}: spec.minReadySeconds"),
+        inputs,
+        prefix,
+        declared,
+    )
+
+
+def _rollout(
+    origin: str,
+    replicas: int,
+    strategy: Mapping[str, Any],
+    field: str,
+    pod: Mapping[str, Any],
+    ready: int | None,
+    inputs: list[Input],
+    prefix: str,
+    declared: Mapping[str, Any],
+) -> _Pods:
+    """A Deployment's pods at once during a rollout of ``replicas`` pods (pods_at_once);
+    ``ready`` is its minReadySeconds, None where the team cannot set it."""
     if strategy.get("type", "RollingUpdate") == "Recreate":
-        inputs.append(Input(f"{prefix}max_surge", 0, f"{origin}: spec.strategy.type=Recreate"))
+        inputs.append(Input(f"{prefix}max_surge", 0, f"{origin}: {field}.type=Recreate"))
         return _Pods(replicas, 0, 0, inputs)
     rolling = strategy.get("rollingUpdate", {}) or {}
-    surge_source = f"{origin}: spec.strategy.rollingUpdate.maxSurge"
+    surge_source = f"{origin}: {field}.rollingUpdate.maxSurge"
     surge, unavailable = fenceposts(
         rolling.get("maxSurge", DEFAULT_SURGE),
         rolling.get("maxUnavailable", DEFAULT_UNAVAILABLE),
         replicas,
         file=origin,
-        field="spec.strategy.rollingUpdate",
+        field=f"{field}.rollingUpdate",
     )
     inputs.append(Input(f"{prefix}max_surge", surge, surge_source, declared.get("max_surge")))
     grace = integer(
         pod.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS),
         f"{origin}: terminationGracePeriodSeconds",
     )
-    ready = integer(spec.get("minReadySeconds", 0), f"{origin}: spec.minReadySeconds")
-    if ready >= grace:
+    if ready is None:
+        terminating = replicas
+        why = f"{origin}: every old pod (the Deployment it runs sets no minReadySeconds)"
+    elif ready >= grace:
         terminating = min(replicas, surge + unavailable)
         why = (
             f"{origin}: maxSurge {surge} + maxUnavailable {unavailable}"
@@ -618,6 +697,49 @@ def pods_at_once(
         )
     inputs.append(Input(f"{prefix}terminating", terminating, why))
     return _Pods(replicas, surge, terminating, inputs)
+
+
+CNPG_GROUPS = ("postgresql.cnpg.io", "postgresql.k8s.enterprisedb.io")
+
+
+def is_cnpg_pooler(doc: Mapping[str, Any]) -> bool:
+    """A CloudNativePG (or EDB Postgres for Kubernetes) Pooler: PgBouncer run by the operator."""
+    group = str(doc.get("apiVersion", "")).split("/", 1)[0]
+    return doc.get("kind") == "Pooler" and group in CNPG_GROUPS
+
+
+def pooler_pods(item: Built, autoscalers: list[Autoscaler]) -> _Pods:
+    """A Pooler's PgBouncer pods at once: its instances, or its autoscaler's maximum, and the
+    rollout of the Deployment the operator makes of it (spec.deploymentStrategy; Kubernetes'
+    RollingUpdate 25 % / 25 % when it is left out)."""
+    doc, origin = item.doc, item.origin
+    spec = doc.get("spec") or {}
+    scaler = autoscaler_for(doc, autoscalers, origin)
+    if scaler is not None:
+        replicas = scaler.max_replicas
+        source = scaler.source
+    else:
+        source = f"{origin}: spec.instances" + (
+            "" if "instances" in spec else " (not set: CloudNativePG's default 1)"
+        )
+        replicas = integer(spec.get("instances", 1), source)
+    rule.at_least_minimum("replicas_max", max(replicas, 1), source)
+    inputs = [
+        Input("pgbouncer_replicas_max", replicas, source, PGBOUNCER_DECLARED.get("replicas_max"))
+    ]
+    template = spec.get("template") or {}
+    pod = template.get("spec") or {} if isinstance(template, Mapping) else {}
+    return _rollout(
+        origin,
+        replicas,
+        spec.get("deploymentStrategy") or {},
+        "spec.deploymentStrategy",
+        pod,
+        None,  # the operator's Deployment sets no minReadySeconds
+        inputs,
+        "pgbouncer_",
+        PGBOUNCER_DECLARED,
+    )
 
 
 def documents_of(built: list[dict[str, Any]], variant: str) -> list[Built]:
