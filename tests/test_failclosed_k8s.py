@@ -26,10 +26,10 @@ from test_effective_budget import (
     app_container,
     budget_command,
     budget_test,
-    check,
     dump,
     edit,
     in_project,
+    judge,
     load,
     path_without_kustomize,
     set_data,
@@ -750,11 +750,7 @@ ROWS = [
 def test_a_k8s_shape_is_counted_or_refused_by_name(
     rendered: Callable[[str], Path], tmp_path: Path, row: Row
 ) -> None:
-    kubectl("a k8s shape as kustomize applies it")
-    project = tmp_path / "project"
-    shutil.copytree(rendered(row.answers), project)
-    row.edit(project)
-    check(project, row)
+    judge(rendered, tmp_path, row)
 
 
 def test_a_missing_kustomize_fails_never_skips(
