@@ -54,7 +54,6 @@ SERVICE = {
 PODS_RUN = 3  # orders-api scaled by hand past its declared replicas_max of 1
 PER_POD = SERVICE["pool_size"] + SERVICE["max_overflow"]
 DOCTOR_ROLE, DOCTOR_PASSWORD = "poolwise_doctor", "doctor-secret"
-OUTPUT_FILE = Path("/tmp/allocation-enforced.txt")
 
 
 def poolwise(*args: str) -> subprocess.CompletedProcess[str]:
@@ -237,4 +236,4 @@ def test_a_roles_connection_limit_stops_a_service_past_its_allocation(
         ]
     output = "\n".join(transcript)
     print(output)
-    OUTPUT_FILE.write_text(output + "\n")
+    (tmp_path / "allocation-enforced.txt").write_text(output + "\n")  # kept with the run
