@@ -52,7 +52,18 @@ def create_app() -> FastAPI:
 
         @router.get("/cancel")
         async def cancel_a_query_task(session: session_dep, ms: int) -> dict[str, bool]:
-            task = asyncio.create_task(session.execute(SLEEP, {"seconds": ms / 1000}))
+            inside = asyncio.Event()
+
+            async def query() -> None:
+                await session.execute(text("SELECT 1"))  # the transaction has its connection
+                inside.set()
+                # No await between set() and here: the cancel below lands inside this execute,
+                # however late the loop resumes this request (a task cancelled before its first
+                # step would never have touched the session, and the request would be a 200).
+                await session.execute(SLEEP, {"seconds": ms / 1000})
+
+            task = asyncio.create_task(query())
+            await asyncio.wait_for(inside.wait(), 10)  # bounded: SELECT 1 could fail
             await asyncio.sleep(0.1)
             task.cancel()
             try:
