@@ -38,8 +38,11 @@ class GitFailed(InputError):
     """A git command on a scratch copy failed; the message names the command and its error."""
 
 
-def git(cwd: Path, *args: str, env: dict[str, str] | None = None, stdin: str = "") -> str:
-    result = subprocess.run(
+def run_git(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """A git command, its exit code left to the caller (who names what a failure means)."""
+    return subprocess.run(
         ["git", *args],
         cwd=cwd,
         env={**os.environ, **(env or {})},
@@ -48,6 +51,10 @@ def git(cwd: Path, *args: str, env: dict[str, str] | None = None, stdin: str = "
         text=True,
         check=False,
     )
+
+
+def git(cwd: Path, *args: str, env: dict[str, str] | None = None, stdin: str = "") -> str:
+    result = run_git(cwd, *args, env=env, stdin=stdin)
     if result.returncode != 0:
         error = (result.stderr.strip().splitlines() or ["no message"])[-1]
         raise GitFailed(f"{cwd}: git {' '.join(args)} failed ({error})")
@@ -103,21 +110,20 @@ def git_urls(source: str) -> list[str]:
 
 def clone_template(source: str, ref: str, destination: Path) -> Template:
     """A bare clone of the template (tags included) and REF's commit in it."""
-    result = subprocess.run(
-        ["git", "clone", "--quiet", "--bare", "--", git_urls(source)[-1], str(destination)],
-        capture_output=True,
-        text=True,
-        check=False,
+    result = run_git(
+        Path.cwd(),  # a relative template path is resolved where the command runs
+        "clone",
+        "--quiet",
+        "--bare",
+        "--",
+        git_urls(source)[-1],
+        str(destination),
     )
     if result.returncode != 0:
         error = (result.stderr.strip().splitlines() or ["no message"])[-1]
         raise InputError(f"the template {source} cannot be cloned ({error})")
-    resolved = subprocess.run(
-        ["git", "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}"],
-        cwd=destination,
-        capture_output=True,
-        text=True,
-        check=False,
+    resolved = run_git(
+        destination, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}"
     )
     if resolved.returncode != 0:
         raise InputError(
@@ -139,13 +145,7 @@ class Checkout:
 
 def repository_of(service: Path) -> tuple[Path, Path]:
     """The git top level holding a service, and the service's path inside it."""
-    result = subprocess.run(
-        ["git", "rev-parse", "--show-toplevel"],
-        cwd=service,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_git(service, "rev-parse", "--show-toplevel")
     if result.returncode != 0:
         raise InputError(
             f"{service}: not in a git repository; copier update needs the service committed"
@@ -158,13 +158,7 @@ def repository_of(service: Path) -> tuple[Path, Path]:
 def clone_service(service: Path, destination: Path) -> Checkout:
     """The service's repository at its HEAD, cloned (the team's branch and files untouched)."""
     top, inside = repository_of(service)
-    head = subprocess.run(
-        ["git", "rev-parse", "--verify", "--quiet", "HEAD"],
-        cwd=top,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    head = run_git(top, "rev-parse", "--verify", "--quiet", "HEAD")
     if head.returncode != 0:
         raise InputError(f"{top}: the repository has no commit; commit the service first")
     git(destination.parent, "clone", "--quiet", "--", str(top), str(destination))
