@@ -51,8 +51,15 @@ from loadgen import load  # noqa: E402
 from ports import free_port  # noqa: E402
 from services import ServiceProcess, render  # noqa: E402
 
-BEGIN = "<!-- latency:begin (written by bench/latency.py) -->"
-END = "<!-- latency:end -->"
+DEFAULT_POOL = "5+5"
+
+
+def markers(pool: str) -> tuple[str, str]:
+    """One RESULTS.md section per pool, so a run with another pool keeps the default's."""
+    name = "latency" if pool == DEFAULT_POOL else f"latency-pool-{pool}"
+    return f"<!-- {name}:begin (written by bench/latency.py) -->", f"<!-- {name}:end -->"
+
+
 PROXY = BENCH.parent / "tests" / "realdb" / "latency_proxy.py"
 
 
@@ -64,8 +71,20 @@ def main() -> int:
     parser.add_argument("--ms", type=int, default=1, help="pg_sleep per request, ms")
     parser.add_argument("--delay-ms", type=float, default=0.25, help="added each way")
     parser.add_argument("--targets", default="sync,async")
+    parser.add_argument(
+        "--pool",
+        default=DEFAULT_POOL,
+        help="pool_size+max_overflow of every service; a small one makes the pool, not the"
+        " services' CPU, bound the throughput",
+    )
     parser.add_argument("--write", action="store_true", help="rewrite the RESULTS.md section")
     args = parser.parse_args()
+    try:
+        size, overflow = (int(part) for part in args.pool.split("+"))
+    except ValueError:
+        parser.error(f"--pool {args.pool!r}: expected pool_size+max_overflow, such as 5+5")
+    # Read by efficiency's runner when it renders and starts each service.
+    efficiency.POOL.update(pool_size=size, max_overflow=overflow)
     reason = missing_requirements()
     if reason:
         print(f"cannot run the benchmark: {reason}", file=sys.stderr)
@@ -132,7 +151,7 @@ def main() -> int:
     section = report(args, groups, lives, trips, delay, time.monotonic() - started, load_average)
     print(section)
     if args.write:
-        bench.replace_section(section, BEGIN, END)
+        bench.replace_section(section, *markers(args.pool))
     return 0
 
 
@@ -179,18 +198,23 @@ def report(
     pairs = []
     for generated, every_time, handwritten in groups:
         pairs += [(generated.label, handwritten.label), (every_time.label, handwritten.label)]
+    begin, end = markers(args.pool)
+    size, overflow = efficiency.POOL["pool_size"], efficiency.POOL["max_overflow"]
+    pool = "" if args.pool == DEFAULT_POOL else f" --pool {args.pool}"
     lines = [
-        BEGIN,
-        "## 1 ms queries over a 0.25 ms network: the pre-ping skipped (bench/latency.py)",
+        begin,
+        f"## {args.ms:g} ms queries over a {args.delay_ms:g} ms network, {size + overflow}"
+        " connections: the pre-ping skipped (bench/latency.py)",
         "",
         f"`.venv/bin/python bench/latency.py --clients {args.clients} --ms {args.ms}"
-        f" --delay-ms {args.delay_ms:g} --targets {args.targets} --rounds {args.rounds}"
+        f" --delay-ms {args.delay_ms:g} --targets {args.targets}{pool} --rounds {args.rounds}"
         f" --seconds {args.seconds:g} --write`, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC,"
         f" {elapsed / 60:.1f} min. Machine: {info['cpu']}, {info['memory']}; {info['python']};"
         f" {info['postgres']}; {info['packages']}. Load average at the end"
         f" {' '.join(load_average)}: the machine was shared with other work.",
         "",
-        f"Every service: 10 connections (5 + 5) through the latency proxy ({args.delay_ms:g} ms"
+        f"Every service: {size + overflow} connections ({size} + {overflow}) through the latency"
+        f" proxy ({args.delay_ms:g} ms"
         f" added each way; {delay}); {args.clients} closed-loop clients on"
         f" `SELECT pg_sleep({args.ms / 1000:g})`; median of {args.rounds} alternating rounds of"
         f" {args.seconds:g} s. The ratio is to the hand-written service with"
@@ -218,7 +242,7 @@ def report(
         f"| {label} | {sent:.2f} | {sent * 2 * args.delay_ms:.2f} ms | {latency:.1f} ms |"
         for label, (sent, latency) in trips.items()
     ]
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
