@@ -11,19 +11,26 @@ clients on GET /work?ms=MS (``SELECT pg_sleep(MS / 1000)`` in the request's sess
 client count of --clients in turn. At 20 ms the pool's physical limit is 10 connections / 20 ms
 = 500 requests per second, whatever the code; at 0 ms the services' CPU decides.
 
-Compared, alternating within one run (A B, then B A, ...) so drift hits both alike:
+Compared, taking turns within one run so drift hits both alike:
 
   sync    the generated k8s-sync service  vs  hand-written: ``with SessionLocal() as session:``
           inside a plain ``def`` endpoint (bench/apps.py handwritten_sync_app)
   async   the generated k8s-async service vs  hand-written: ``async with SessionLocal() as
           session:`` in an ``async def`` endpoint (bench/apps.py handwritten_async_app)
 
-Each service process serves every client count of a round (a warm-up first), so a round costs
-one start-up per service. Reported per client count: requests per second (median of the rounds),
-the ratio generated / hand-written of the medians and its spread over the rounds (each round's
-own ratio), the service process's CPU use (user + system seconds per wall second, from /proc),
-and the PostgreSQL sessions each service opened over its whole life (pg_stat_database, read once
-the process has exited): 10 for a pool that never churns, plus its start-up.
+A round starts both services (each on a database of its own, copied from the app database),
+warms each up, and then at every client count measures one and then the other, the order
+flipping at every count and every round: the two runs compared are seconds apart, not a whole
+round. (Until 2026-12-04 each service served all client counts in one life, one after the
+other, and the runs compared were half a minute apart; on a shared 2-core machine that left
+per-round ratios spread by up to 0.6 at one client count.) Only the service being measured gets
+requests; the other sits idle with its connections open.
+
+Reported per client count: requests per second (median of the rounds), the ratio generated /
+hand-written of the medians and its spread over the rounds (each round's own ratio), the service
+process's CPU use (user + system seconds per wall second, from /proc), and the PostgreSQL
+sessions each service process opened over its life (pg_stat_database of its own database, read
+once the process has exited): 10 for a pool of 10 that never churns.
 
 bench/latency.py reuses this script's runner with a latency proxy in front of PostgreSQL.
 """
@@ -31,6 +38,7 @@ bench/latency.py reuses this script's runner with a latency proxy in front of Po
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import statistics
 import sys
@@ -38,6 +46,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from psycopg import sql
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -99,31 +109,40 @@ def cpu_seconds(pid: int) -> float:
     return ticks / 100.0
 
 
-def sessions_opened(cluster: PostgresCluster) -> int:
-    """Sessions PostgreSQL has started for the application database (this query's included)."""
-    rows = cluster.psql(
-        "SELECT sessions FROM pg_stat_database WHERE datname = %s", (cluster.app_db,)
-    )
+def database_for(cluster: PostgresCluster, label: str) -> str:
+    """A database of the variant's own, copied from the app database (schema included).
+
+    Every service of a round runs at once, so pg_stat_database can count each one's sessions
+    only if each has a database of its own.
+    """
+    name = "eff_" + "".join(ch if ch.isalnum() else "_" for ch in label.lower())
+    exists = cluster.psql("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+    if not exists:
+        cluster.psql(
+            sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE {}").format(
+                sql.Identifier(name),
+                sql.Identifier(cluster.app_user),
+                sql.Identifier(cluster.app_db),
+            )
+        )
+    return name
+
+
+def sessions_opened(cluster: PostgresCluster, database: str) -> int:
+    """Sessions PostgreSQL has started for one database."""
+    rows = cluster.psql("SELECT sessions FROM pg_stat_database WHERE datname = %s", (database,))
     return int(rows[0][0])
 
 
-def serve(
-    variant: Variant,
-    cluster: PostgresCluster,
-    dsn: str,
-    clients: list[int],
-    ms: int,
-    seconds: float,
-    round_: int,
-    workdir: Path,
-) -> Life:
-    """Start the service once and measure it at each client count; then count its sessions."""
-    application_name = f"eff-{variant.label.replace(' ', '-')}-{round_}"
-    life = Life(variant.label, round_)
-    before_sessions = sessions_opened(cluster)
+def start(
+    variant: Variant, cluster: PostgresCluster, dsn: str, round_: int, workdir: Path
+) -> tuple[ServiceProcess, str, int]:
+    """Start one variant's service on its own database: (service, database, sessions before)."""
+    database = database_for(cluster, variant.label)
+    application_name = f"eff-{variant.label.replace(' ', '-').replace(',', '')}-{round_}"
     service = ServiceProcess(
         variant.project,
-        dsn,
+        f"{dsn.rsplit('/', 1)[0]}/{database}",
         application_name,
         workdir,
         argv=[str(BENCH / "serve.py"), variant.kind],
@@ -133,16 +152,7 @@ def serve(
         POOL_MAX_OVERFLOW=POOL["max_overflow"],
         **variant.env,
     )
-    with service:
-        service.wait_ready()
-        load(service.port, bench.work(ms), clients=10, duration=2, max_requests=5_000)
-        for count in clients:
-            time.sleep(0.5)
-            life.runs.append(measure(variant.label, service, cluster, count, ms, seconds, round_))
-    time.sleep(1.0)  # the backends' exit reports reach pg_stat_database
-    life.sessions = sessions_opened(cluster) - before_sessions - 1
-    print(f"  round {round_} {variant.label}: {life.sessions} sessions opened", flush=True)
-    return life
+    return service, database, sessions_opened(cluster, database)
 
 
 def measure(
@@ -187,7 +197,7 @@ def measure(
 
 
 def alternate(
-    pairs: list[tuple[Variant, Variant]],
+    groups: list[tuple[Variant, ...]],
     cluster: PostgresCluster,
     dsn: str,
     clients: list[int],
@@ -196,13 +206,42 @@ def alternate(
     rounds: int,
     workdir: Path,
 ) -> list[Life]:
-    """Every pair, every round; within a pair the order flips each round."""
+    """Every group, every round: its services run at once, taking turns at each client count.
+
+    A round starts one process per variant (each on a database of its own) and warms each up;
+    then, at every client count, each variant is measured in turn, the order flipping at every
+    count and every round, so the runs compared are seconds apart and drift on a shared
+    machine hits both alike. Only the variant being measured gets requests: the others sit
+    idle with their connections open.
+    """
     lives = []
     for round_ in range(1, rounds + 1):
-        for pair in pairs:
-            ordered = pair if round_ % 2 else tuple(reversed(pair))
-            for variant in ordered:
-                lives.append(serve(variant, cluster, dsn, clients, ms, seconds, round_, workdir))
+        for group in groups:
+            order = list(group if round_ % 2 else reversed(group))
+            with contextlib.ExitStack() as stack:
+                running = []
+                for variant in order:
+                    service, database, before = start(variant, cluster, dsn, round_, workdir)
+                    stack.enter_context(service)
+                    service.wait_ready()
+                    load(service.port, bench.work(ms), clients=10, duration=2, max_requests=5_000)
+                    running.append(
+                        (variant, service, database, before, Life(variant.label, round_))
+                    )
+                for index, count in enumerate(clients):
+                    turn = running if index % 2 == 0 else running[::-1]
+                    for variant, service, _database, _before, life in turn:
+                        time.sleep(0.5)
+                        life.runs.append(
+                            measure(variant.label, service, cluster, count, ms, seconds, round_)
+                        )
+            time.sleep(1.0)  # the backends' exit reports reach pg_stat_database
+            for variant, _service, database, before, life in running:
+                life.sessions = sessions_opened(cluster, database) - before
+                print(
+                    f"  round {round_} {variant.label}: {life.sessions} sessions opened", flush=True
+                )
+                lives.append(life)
     return lives
 
 
@@ -324,15 +363,16 @@ def report(
         f"`.venv/bin/python bench/efficiency.py --ms {args.ms} --clients {args.clients}"
         f" --targets {args.targets} --rounds {args.rounds} --seconds {args.seconds:g} --write`,"
         f" {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min. Machine:"
-        f" {info['cpu']}, {info['memory']}; {info['python']}; {info['postgres']};"
-        f" {info['packages']}. Load average at the end {' '.join(load_average)}: the machine"
-        " was shared with other work, so read the ratios (same round, alternating order), not"
-        " the absolute numbers.",
+        f" {info['cpu']} ({info['speed']}), {info['memory']}; {info['python']}; {info['postgres']};"
+        f" {info['packages']}. Load average at the end {' '.join(load_average)}. Read the"
+        " ratios (the services take turns at each client count, seconds apart), not the"
+        " absolute numbers: the service shares two cores with PostgreSQL and the load"
+        " generator.",
         "",
         f"Every service: {CONNECTIONS} connections (5 + 5), pool_timeout 5 s; closed-loop clients"
         f" on `SELECT pg_sleep({args.ms / 1000:g})`{limit}. Median of {args.rounds} rounds of"
-        f" {args.seconds:g} s per client count; CPU is the service process's user + system"
-        " seconds per wall second.",
+        f" {args.seconds:g} s per client count, the services taking turns; CPU is the service"
+        " process's user + system seconds per wall second.",
         "",
     ]
     lines += ratio_table(

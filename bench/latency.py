@@ -43,7 +43,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-import efficiency  # noqa: E402  (the runner: one service process per round)
+import efficiency  # noqa: E402  (the runner: services taking turns within each round)
 import load as bench  # noqa: E402
 from harness import PostgresCluster, missing_requirements  # noqa: E402
 from latency_proxy import LatencyProxy  # noqa: E402
@@ -209,16 +209,16 @@ def report(
         f"`.venv/bin/python bench/latency.py --clients {args.clients} --ms {args.ms}"
         f" --delay-ms {args.delay_ms:g} --targets {args.targets}{pool} --rounds {args.rounds}"
         f" --seconds {args.seconds:g} --write`, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC,"
-        f" {elapsed / 60:.1f} min. Machine: {info['cpu']}, {info['memory']}; {info['python']};"
-        f" {info['postgres']}; {info['packages']}. Load average at the end"
-        f" {' '.join(load_average)}: the machine was shared with other work.",
+        f" {elapsed / 60:.1f} min. Machine: {info['cpu']} ({info['speed']}), {info['memory']};"
+        f" {info['python']}; {info['postgres']}; {info['packages']}. Load average at the end"
+        f" {' '.join(load_average)}.",
         "",
         f"Every service: {size + overflow} connections ({size} + {overflow}) through the latency"
         f" proxy ({args.delay_ms:g} ms"
         f" added each way; {delay}); {args.clients} closed-loop clients on"
-        f" `SELECT pg_sleep({args.ms / 1000:g})`; median of {args.rounds} alternating rounds of"
-        f" {args.seconds:g} s. The ratio is to the hand-written service with"
-        " pool_pre_ping=True, in the same rounds.",
+        f" `SELECT pg_sleep({args.ms / 1000:g})`; median of {args.rounds} rounds of"
+        f" {args.seconds:g} s, the services taking turns. The ratio is to the hand-written"
+        " service with pool_pre_ping=True, in the same rounds.",
         "",
     ]
     rows = efficiency.ratio_table(lives, pairs, [args.clients])

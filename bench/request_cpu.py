@@ -169,7 +169,7 @@ def report(
         f"`.venv/bin/python bench/request_cpu.py{ref} --rounds {args.rounds}"
         f" --requests {args.requests} --write`,"
         f" {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min. Machine:"
-        f" {info['cpu']}, {info['memory']}; {info['python']}; {info['postgres']};"
+        f" {info['cpu']} ({info['speed']}), {info['memory']}; {info['python']}; {info['postgres']};"
         f" {info['packages']}.",
         "",
         f"`GET /work?ms=0` called as ASGI from {CONCURRENCY} tasks, {args.requests:,} requests per"
