@@ -22,7 +22,10 @@ Compared, per target:
 Under load the services' CPU share decides req/s as much as the network does, so the script
 also counts what no other load on the machine changes: the messages each service sends to
 PostgreSQL per request (one client, one request at a time, through an in-process proxy that
-counts them): each is a round trip the request waits for, 2 x --delay-ms on this network.
+counts them): each is a round trip the request waits for, 2 x --delay-ms on this network. And
+where the rest of a request's time on its connection goes: each service alone behind a proxy
+that records how long the service takes to send its next message after each reply (its own
+time on the connection), and how long the hand-over to the next request takes.
 
 The proxy's own delay is measured as it runs (how late each chunk left after its due time) and
 reported with the results.
@@ -31,13 +34,18 @@ reported with the results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -112,47 +120,123 @@ def main() -> int:
     started = time.monotonic()
     with PostgresCluster(max_connections=100) as cluster:
         groups[0][0].project.create_schema(cluster.dsn())
-        port = free_port()
-        proxy = subprocess.Popen(
-            [
-                sys.executable,
-                str(PROXY),
-                "--upstream-port",
-                str(cluster.port),
-                "--port",
-                str(port),
-                "--delay-ms",
-                str(args.delay_ms),
-                "--seconds",
-                "900",
-                "--report",
-                str(workdir / "proxy.txt"),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": ""},
-        )
-        try:
-            assert proxy.stdout is not None and proxy.stdout.readline().strip() == "listening"
-            dsn = cluster.dsn(driver="").replace(f":{cluster.port}/", f":{port}/")
+        with network(cluster, args.delay_ms, workdir / "proxy.txt") as dsn:
             lives = efficiency.alternate(
                 groups, cluster, dsn, [args.clients], args.ms, args.seconds, args.rounds, workdir
             )
-            trips = {
-                variant.label: round_trips(variant, cluster, args.ms, workdir)
-                for group in groups
-                for variant in group
-            }
-        finally:
-            proxy.send_signal(signal.SIGTERM)
-            proxy.wait(timeout=30)
+        trips = {
+            variant.label: round_trips(variant, cluster, args.ms, workdir)
+            for group in groups
+            for variant in group
+        }
+        turns = service_turns(groups, cluster, args, workdir)
     delay = (workdir / "proxy.txt").read_text().strip()
     load_average = Path("/proc/loadavg").read_text().split()[:3]
-    section = report(args, groups, lives, trips, delay, time.monotonic() - started, load_average)
+    section = report(
+        args, groups, lives, trips, turns, delay, time.monotonic() - started, load_average
+    )
     print(section)
     if args.write:
         bench.replace_section(section, *markers(args.pool))
     return 0
+
+
+@contextlib.contextmanager
+def network(
+    cluster: PostgresCluster, delay_ms: float, report: Path, turns: Path | None = None
+) -> Iterator[str]:
+    """The latency proxy in a process of its own, in front of the cluster: its DSN.
+
+    On exit the proxy writes the delay it added to `report` (and the clients' turns to `turns`).
+    """
+    port = free_port()
+    command = [
+        sys.executable,
+        str(PROXY),
+        "--upstream-port",
+        str(cluster.port),
+        "--port",
+        str(port),
+        "--delay-ms",
+        str(delay_ms),
+        "--seconds",
+        "900",
+        "--report",
+        str(report),
+    ]
+    if turns is not None:
+        command += ["--turns", str(turns)]
+    proxy = subprocess.Popen(
+        command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ""}
+    )
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == "listening"
+        yield cluster.dsn(driver="").replace(f":{cluster.port}/", f":{port}/")
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        proxy.wait(timeout=30)
+
+
+@dataclass
+class Turns:
+    """One service's time on its connections per request, from the proxy's view of them."""
+
+    label: str
+    per_second: list[float] = field(default_factory=list)
+    own_ms: list[float] = field(default_factory=list)  # service's time per request, all turns
+    between_ms: list[float] = field(default_factory=list)  # median turn after a COMMIT
+
+
+def service_turns(
+    groups: list[tuple[efficiency.Variant, ...]],
+    cluster: PostgresCluster,
+    args: argparse.Namespace,
+    workdir: Path,
+) -> list[Turns]:
+    """Where a request's time on a connection goes: the service's own turns, per variant.
+
+    Each variant runs alone behind a proxy of its own, the order flipping each round, under the
+    main run's load (--clients, --ms, --seconds). The proxy records, for every message a
+    service sends, how long after the last reply it spoke: summed per request (one COMMIT
+    each), the time the service itself kept the connection busy. The turn after a COMMIT's
+    reply is the hand-over: the connection's return to the pool and the next request's
+    checkout, its pre-ping decision included.
+    """
+    measured = {variant.label: Turns(variant.label) for group in groups for variant in group}
+    variants = [variant for group in groups for variant in group]
+    for round_ in range(1, args.rounds + 1):
+        for index, variant in enumerate(variants if round_ % 2 else variants[::-1]):
+            path = workdir / f"turns-{round_}-{index}.json"
+            with network(cluster, args.delay_ms, workdir / "turns-proxy.txt", path) as dsn:
+                service, _database, _before = efficiency.start(
+                    variant, cluster, dsn, round_, workdir
+                )
+                with service:
+                    service.wait_ready()
+                    result = load(
+                        service.port,
+                        bench.work(args.ms),
+                        clients=args.clients,
+                        duration=args.seconds,
+                        max_requests=200_000,
+                        timeout=30,
+                    )
+            seen = json.loads(path.read_text())
+            requests = len(seen["between"])
+            if not requests:
+                continue
+            entry = measured[variant.label]
+            window_end = result.started + args.seconds
+            ok = sum(1 for record in result.ok() if record.end <= window_end)
+            entry.per_second.append(ok / args.seconds)
+            entry.own_ms.append((sum(seen["between"]) + sum(seen["within"])) / requests * 1000)
+            entry.between_ms.append(statistics.median(seen["between"]) * 1000)
+            print(
+                f"  turns round {round_} {variant.label:<36} {entry.per_second[-1]:6.1f} req/s"
+                f"  own {entry.own_ms[-1]:.2f} ms/request  hand-over {entry.between_ms[-1]:.2f} ms",
+                flush=True,
+            )
+    return list(measured.values())
 
 
 def round_trips(
@@ -190,6 +274,7 @@ def report(
     groups: list[tuple[efficiency.Variant, ...]],
     lives: list[efficiency.Life],
     trips: dict[str, tuple[float, float]],
+    turns: list[Turns],
     delay: str,
     elapsed: float,
     load_average: list[str],
@@ -241,6 +326,24 @@ def report(
     lines += [
         f"| {label} | {sent:.2f} | {sent * 2 * args.delay_ms:.2f} ms | {latency:.1f} ms |"
         for label, (sent, latency) in trips.items()
+    ]
+    lines += [
+        "",
+        "The services' own time on their connections, seen from the proxy (each service alone"
+        f" behind it, the same load, {args.rounds} rounds; medians): after each reply, how long"
+        " the service took to send its next message, summed per request; and the turn after a"
+        " COMMIT's reply, the hand-over of the connection to the next request (its return to"
+        " the pool, the next checkout, the pre-ping decision):",
+        "",
+        "| service | req/s alone | own time per request | hand-over (median) |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {entry.label} | {statistics.median(entry.per_second):.0f}"
+        f" | {statistics.median(entry.own_ms):.2f} ms"
+        f" | {statistics.median(entry.between_ms):.2f} ms |"
+        for entry in turns
+        if entry.per_second
     ]
     lines.append(end)
     return "\n".join(lines)

@@ -11,7 +11,10 @@ Threads, not asyncio: asyncio's timers wait in whole milliseconds on Linux (epol
 coarse for 0.25 ms; time.sleep() sleeps with clock_nanosleep. Each direction of each connection
 has a reader thread, which stamps what it receives with the time it is due, and a writer
 thread, which sends it then, in order. ``lateness`` records how far past its due time each
-chunk went out, so a run can report the delay it really added.
+chunk went out, so a run can report the delay it really added. ``turns`` records, per message
+a client sends, how long after the server's last reply reached it the client spoke again: the
+client's own time on the connection (bench/latency.py splits it at each COMMIT, into the time
+within a request and the time between one request and the next).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
 import signal
 import socket
 import struct
@@ -30,16 +34,30 @@ from pathlib import Path
 CHUNK = 65536
 
 
+class _Conversation:
+    """One connection: when its client last got a reply, and whether it had ended a transaction."""
+
+    def __init__(self) -> None:
+        self.replied_at: float | None = None
+        self.after_commit = False
+
+
 class _Pipe:
     """One direction of one connection: recv from `source`, send to `target` `delay` later."""
 
     def __init__(
-        self, proxy: LatencyProxy, source: socket.socket, target: socket.socket, to_server: bool
+        self,
+        proxy: LatencyProxy,
+        source: socket.socket,
+        target: socket.socket,
+        to_server: bool,
+        conversation: _Conversation,
     ) -> None:
         self.proxy = proxy
         self.source = source
         self.target = target
         self.to_server = to_server
+        self.conversation = conversation
         self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self.ready = threading.Condition()
         self.ended = False
@@ -52,6 +70,8 @@ class _Pipe:
                 data = self.source.recv(CHUNK)
             except OSError:
                 data = b""
+            if data and self.to_server:
+                self._client_spoke(data)
             with self.ready:
                 if not data:
                     self.ended = True
@@ -60,6 +80,15 @@ class _Pipe:
                 self.ready.notify()
             if not data:
                 return
+
+    def _client_spoke(self, data: bytes) -> None:
+        talk = self.conversation
+        if talk.replied_at is not None:
+            self.proxy.turns.append((talk.after_commit, time.perf_counter() - talk.replied_at))
+            talk.replied_at = None
+        # psycopg ends a transaction with a simple query of its own: what follows its reply is
+        # the next request's first message.
+        talk.after_commit = b"COMMIT" in data or b"ROLLBACK" in data
 
     def _write(self) -> None:
         while True:
@@ -84,6 +113,8 @@ class _Pipe:
                 self.target.sendall(data)
             except OSError:
                 break
+            if not self.to_server:
+                self.conversation.replied_at = time.perf_counter()
         if not self.proxy.silenced(self.target):
             with contextlib.suppress(OSError):
                 self.target.shutdown(socket.SHUT_WR)  # pass the end of the stream on
@@ -101,6 +132,9 @@ class LatencyProxy:
         # Chunks passed on to the server: with one request at a time on a connection, each is a
         # message the client then waits on, so this counts round trips.
         self.sent_to_server = 0
+        # (after a COMMIT or ROLLBACK?, seconds from the reply reaching the client to its next
+        # message) for every message a client sent after a reply; the last 200,000.
+        self.turns: collections.deque[tuple[bool, float]] = collections.deque(maxlen=200_000)
         self._pairs: list[tuple[socket.socket, socket.socket]] = []  # connections carried now
         self._sockets: list[socket.socket] = []  # every socket opened, closed by close()
         self._silenced: set[socket.socket] = set()
@@ -148,8 +182,9 @@ class LatencyProxy:
                     return
                 self._sockets += [client, upstream]
                 self._pairs.append((client, upstream))
-            _Pipe(self, client, upstream, to_server=True)
-            _Pipe(self, upstream, client, to_server=False)
+            conversation = _Conversation()
+            _Pipe(self, client, upstream, to_server=True, conversation=conversation)
+            _Pipe(self, upstream, client, to_server=False, conversation=conversation)
 
     def silenced(self, end: socket.socket) -> bool:
         with self._lock:
@@ -193,6 +228,9 @@ def main() -> int:
     parser.add_argument("--delay-ms", type=float, required=True, help="added each way")
     parser.add_argument("--seconds", type=float, default=600, help="exit after this long")
     parser.add_argument("--report", help="write the delay it added to this file on exit")
+    parser.add_argument(
+        "--turns", help="write the clients' turns (JSON: between and within requests) on exit"
+    )
     args = parser.parse_args()
     # SIGTERM from the caller ends it like the time limit: the report is still written.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -207,6 +245,16 @@ def main() -> int:
             Path(args.report).write_text(
                 f"measured per chunk: median {median * 1000:.3f} ms, p99 {p99 * 1000:.3f} ms"
                 f" over {len(proxy.lateness):,} chunks\n"
+            )
+        if args.turns:
+            turns = list(proxy.turns)
+            Path(args.turns).write_text(
+                json.dumps(
+                    {
+                        "between": [seconds for after_commit, seconds in turns if after_commit],
+                        "within": [seconds for after_commit, seconds in turns if not after_commit],
+                    }
+                )
             )
     return 0
 
