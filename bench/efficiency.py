@@ -54,7 +54,7 @@ sys.path.insert(0, str(BENCH))
 
 import load as bench  # noqa: E402  (bench/load.py: the shared service runner)
 from harness import ActivitySampler, PostgresCluster, missing_requirements  # noqa: E402
-from loadgen import load  # noqa: E402
+from loadgen import LoadResult, load  # noqa: E402
 from services import RenderedProject, ServiceProcess, render  # noqa: E402
 
 POOL = {"pool_size": 5, "max_overflow": 5}
@@ -155,6 +155,12 @@ def start(
     return service, database, sessions_opened(cluster, database)
 
 
+def served_per_second(result: LoadResult, seconds: float) -> float:
+    """Successful requests per second within the run's window; the drain after it not counted."""
+    window_end = result.started + seconds
+    return sum(1 for record in result.ok() if record.end <= window_end) / seconds
+
+
 def measure(
     label: str,
     service: ServiceProcess,
@@ -178,14 +184,19 @@ def measure(
     used = cpu_seconds(service.pid) - before
     busy_after, total_after = machine_busy()
     machine = (busy_after - machine_before[0]) / max(total_after - machine_before[1], 1)
-    window_end = result.started + seconds
-    ok = sum(1 for record in result.ok() if record.end <= window_end)
     errors: dict[str, int] = {}
     for record in result.failed():
         key = {-1: "timeout", 0: "transport"}.get(record.status, str(record.status))
         errors[key] = errors.get(key, 0) + 1
     run = Run(
-        label, round_, clients, ok / seconds, used / result.duration, machine, sampler.peak, errors
+        label,
+        round_,
+        clients,
+        served_per_second(result, seconds),
+        used / result.duration,
+        machine,
+        sampler.peak,
+        errors,
     )
     print(
         f"  round {round_} {label:<28} {clients:4d} clients {run.ok_per_second:7.1f} req/s"

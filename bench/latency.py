@@ -226,9 +226,7 @@ def service_turns(
             if not requests:
                 continue
             entry = measured[variant.label]
-            window_end = result.started + args.seconds
-            ok = sum(1 for record in result.ok() if record.end <= window_end)
-            entry.per_second.append(ok / args.seconds)
+            entry.per_second.append(efficiency.served_per_second(result, args.seconds))
             entry.own_ms.append((sum(seen["between"]) + sum(seen["within"])) / requests * 1000)
             entry.between_ms.append(statistics.median(seen["between"]) * 1000)
             print(
