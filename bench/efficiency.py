@@ -26,6 +26,13 @@ other, and the runs compared were half a minute apart; on a shared 2-core machin
 per-round ratios spread by up to 0.6 at one client count.) Only the service being measured gets
 requests; the other sits idle with its connections open.
 
+    --control    also runs a second copy of each hand-written service and compares it with the
+                 first, in the same rounds: the spread of a comparison where nothing differs,
+                 against which to read the generated service's.
+    --together   loads the compared services at the same time, each with its own clients,
+                 instead of in turn: no time between the runs compared, but the services share
+                 the cores with each other.
+
 Reported per client count: requests per second (median of the rounds), the ratio generated /
 hand-written of the medians and its spread over the rounds (each round's own ratio), the service
 process's CPU use (user + system seconds per wall second, from /proc), and the PostgreSQL
@@ -38,6 +45,7 @@ bench/latency.py reuses this script's runner with a latency proxy in front of Po
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import statistics
@@ -54,7 +62,7 @@ sys.path.insert(0, str(BENCH))
 
 import load as bench  # noqa: E402  (bench/load.py: the shared service runner)
 from harness import ActivitySampler, PostgresCluster, missing_requirements  # noqa: E402
-from loadgen import LoadResult, load  # noqa: E402
+from loadgen import LoadResult, load, run_load  # noqa: E402
 from services import RenderedProject, ServiceProcess, render  # noqa: E402
 
 POOL = {"pool_size": 5, "max_overflow": 5}
@@ -162,49 +170,78 @@ def served_per_second(result: LoadResult, seconds: float) -> float:
 
 
 def measure(
-    label: str,
-    service: ServiceProcess,
+    turn: list[tuple[str, ServiceProcess]],
     cluster: PostgresCluster,
     clients: int,
     ms: int,
     seconds: float,
     round_: int,
-) -> Run:
-    before = cpu_seconds(service.pid)
+) -> list[Run]:
+    """Load every service of `turn` at once, `clients` clients each, for `seconds`: one Run each."""
+    before = [cpu_seconds(service.pid) for _label, service in turn]
     machine_before = machine_busy()
-    with ActivitySampler(cluster, service.application_name, max_duration=120) as sampler:
-        result = load(
-            service.port,
-            bench.work(ms),
-            clients=clients,
-            duration=seconds,
-            max_requests=200_000,
-            timeout=30,
+    with contextlib.ExitStack() as stack:
+        samplers = [
+            stack.enter_context(
+                ActivitySampler(cluster, service.application_name, max_duration=120)
+            )
+            for _label, service in turn
+        ]
+        results = asyncio.run(
+            _load_at_once([service.port for _label, service in turn], clients, ms, seconds)
         )
-    used = cpu_seconds(service.pid) - before
+    used = [
+        cpu_seconds(service.pid) - start
+        for (_label, service), start in zip(turn, before, strict=True)
+    ]
     busy_after, total_after = machine_busy()
     machine = (busy_after - machine_before[0]) / max(total_after - machine_before[1], 1)
-    errors: dict[str, int] = {}
-    for record in result.failed():
-        key = {-1: "timeout", 0: "transport"}.get(record.status, str(record.status))
-        errors[key] = errors.get(key, 0) + 1
-    run = Run(
-        label,
-        round_,
-        clients,
-        served_per_second(result, seconds),
-        used / result.duration,
-        machine,
-        sampler.peak,
-        errors,
+    runs = []
+    for (label, _service), result, sampler, cpu in zip(turn, results, samplers, used, strict=True):
+        errors: dict[str, int] = {}
+        for record in result.failed():
+            key = {-1: "timeout", 0: "transport"}.get(record.status, str(record.status))
+            errors[key] = errors.get(key, 0) + 1
+        run = Run(
+            label,
+            round_,
+            clients,
+            served_per_second(result, seconds),
+            cpu / result.duration,
+            machine,
+            sampler.peak,
+            errors,
+        )
+        print(
+            f"  round {round_} {label:<28} {clients:4d} clients {run.ok_per_second:7.1f} req/s"
+            f"  cpu {run.cpu:.2f}  machine {run.machine:.0%}  peak {run.peak}"
+            f"  errors {errors or 'none'}",
+            flush=True,
+        )
+        runs.append(run)
+    return runs
+
+
+async def _load_at_once(
+    ports: list[int], clients: int, ms: int, seconds: float
+) -> list[LoadResult]:
+    """Closed-loop load on every port at once, from one event loop (the load generator's CPU
+    is shared alike)."""
+    return list(
+        await asyncio.gather(
+            *(
+                run_load(
+                    port,
+                    bench.work(ms),
+                    clients=clients,
+                    duration=seconds,
+                    max_requests=200_000,
+                    timeout=30,
+                )
+                for port in ports
+            )
+        )
     )
-    print(
-        f"  round {round_} {label:<28} {clients:4d} clients {run.ok_per_second:7.1f} req/s"
-        f"  cpu {run.cpu:.2f}  machine {run.machine:.0%}  peak {run.peak}"
-        f"  errors {errors or 'none'}",
-        flush=True,
-    )
-    return run
 
 
 def alternate(
@@ -216,6 +253,7 @@ def alternate(
     seconds: float,
     rounds: int,
     workdir: Path,
+    together: bool = False,
 ) -> list[Life]:
     """Every group, every round: its services run at once, taking turns at each client count.
 
@@ -224,6 +262,10 @@ def alternate(
     count and every round, so the runs compared are seconds apart and drift on a shared
     machine hits both alike. Only the variant being measured gets requests: the others sit
     idle with their connections open.
+
+    together: at every client count the variants are loaded at the same time instead, each
+    with its own `clients` clients, so they share the same machine in the same seconds: no
+    drift between the runs compared at all, at the price of sharing the cores with each other.
     """
     lives = []
     for round_ in range(1, rounds + 1):
@@ -239,13 +281,15 @@ def alternate(
                     running.append(
                         (variant, service, database, before, Life(variant.label, round_))
                     )
+                life_of = {variant.label: life for variant, _s, _d, _b, life in running}
                 for index, count in enumerate(clients):
-                    turn = running if index % 2 == 0 else running[::-1]
-                    for variant, service, _database, _before, life in turn:
+                    order_now = running if index % 2 == 0 else running[::-1]
+                    entries = [(variant.label, service) for variant, service, *_ in order_now]
+                    turns = [entries] if together else [[entry] for entry in entries]
+                    for turn in turns:
                         time.sleep(0.5)
-                        life.runs.append(
-                            measure(variant.label, service, cluster, count, ms, seconds, round_)
-                        )
+                        for run in measure(turn, cluster, count, ms, seconds, round_):
+                            life_of[run.label].runs.append(run)
             time.sleep(1.0)  # the backends' exit reports reach pg_stat_database
             for variant, _service, database, before, life in running:
                 life.sessions = sessions_opened(cluster, database) - before
@@ -257,39 +301,55 @@ def alternate(
 
 
 def ratio_table(lives: list[Life], pairs: list[tuple[str, str]], clients: list[int]) -> list[str]:
-    """One row per (pair, client count): req/s, ratio of medians, per-round ratios, CPU."""
+    """Per baseline and client count: a row per service compared with it, then its own row.
+
+    Each row: req/s (median of the rounds), ratio of medians, the per-round ratios, CPU.
+    """
     runs = [run for life in lives for run in life.runs]
     lines = [
         "| clients | service | req/s (median) | x baseline | per-round ratios (min - max) | CPU"
         " | peak conns | errors |",
         "|---:|---|---:|---:|---|---:|---:|---|",
     ]
-    for generated, baseline in pairs:
+    compared: dict[str, list[str]] = {}
+    for label, baseline in pairs:
+        compared.setdefault(baseline, []).append(label)
+
+    def rounds_of(label: str, count: int) -> dict[int, Run]:
+        return {r.round: r for r in runs if r.label == label and r.clients == count}
+
+    def row(
+        count: int, label: str, measured: dict[int, Run], base_median: float, spread: str
+    ) -> str:
+        value = statistics.median(r.ok_per_second for r in measured.values())
+        errors: dict[str, int] = {}
+        for run in measured.values():
+            for key, number in run.errors.items():
+                errors[key] = errors.get(key, 0) + number
+        return (
+            f"| {count} | {label} | {value:.0f} | {value / base_median:.2f}x | {spread}"
+            f" | {statistics.median(r.cpu for r in measured.values()):.2f}"
+            f" | {max(r.peak for r in measured.values())} | {errors or 'none'} |"
+        )
+
+    for baseline, labels in compared.items():
         for count in clients:
-            mine = {r.round: r for r in runs if r.label == generated and r.clients == count}
-            base = {r.round: r for r in runs if r.label == baseline and r.clients == count}
+            base = rounds_of(baseline, count)
             base_median = statistics.median(r.ok_per_second for r in base.values())
-            ratios = sorted(
-                mine[n].ok_per_second / base[n].ok_per_second
-                for n in mine
-                if n in base and base[n].ok_per_second
-            )
-            for label, measured in ((generated, mine), (baseline, base)):
-                value = statistics.median(r.ok_per_second for r in measured.values())
-                errors: dict[str, int] = {}
-                for run in measured.values():
-                    for key, number in run.errors.items():
-                        errors[key] = errors.get(key, 0) + number
+            for label in labels:
+                mine = rounds_of(label, count)
+                ratios = sorted(
+                    mine[n].ok_per_second / base[n].ok_per_second
+                    for n in mine
+                    if n in base and base[n].ok_per_second
+                )
                 spread = (
                     f"{', '.join(f'{x:.2f}' for x in ratios)} ({ratios[0]:.2f} - {ratios[-1]:.2f})"
-                    if label == generated and ratios
+                    if ratios
                     else ""
                 )
-                lines.append(
-                    f"| {count} | {label} | {value:.0f} | {value / base_median:.2f}x | {spread}"
-                    f" | {statistics.median(r.cpu for r in measured.values()):.2f}"
-                    f" | {max(r.peak for r in measured.values())} | {errors or 'none'} |"
-                )
+                lines.append(row(count, label, mine, base_median, spread))
+            lines.append(row(count, baseline, base, base_median, ""))
     return lines
 
 
@@ -309,6 +369,18 @@ def main() -> int:
     parser.add_argument("--clients", default="10,30,60,100,200,400")
     parser.add_argument("--ms", type=int, default=20, help="pg_sleep per request, ms")
     parser.add_argument("--targets", default="sync,async")
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="load the compared services at the same time, each with its own clients,"
+        " instead of in turn",
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also run a second copy of each hand-written service, compared with the first:"
+        " what the spread is when nothing differs",
+    )
     parser.add_argument("--write", action="store_true", help="rewrite the RESULTS.md section")
     args = parser.parse_args()
     reason = missing_requirements()
@@ -318,20 +390,21 @@ def main() -> int:
     clients = [int(count) for count in args.clients.split(",")]
     targets = args.targets.split(",")
     workdir = Path(tempfile.mkdtemp(prefix="poolwise-efficiency-"))
-    pairs = []
+    groups = []
     for target in targets:
         generated, handwritten, kind = TARGETS[target]
         project = render(
             workdir / target, {"project_name": f"eff-{target}", "target": f"k8s-{target}", **POOL}
         )
-        pairs.append(
-            (Variant(generated, "generated", project), Variant(handwritten, kind, project))
-        )
+        group = (Variant(generated, "generated", project), Variant(handwritten, kind, project))
+        if args.control:
+            group += (Variant(f"{handwritten}, second copy", kind, project),)
+        groups.append(group)
     started = time.monotonic()
     with PostgresCluster(max_connections=100) as cluster:
-        pairs[0][0].project.create_schema(cluster.dsn())
+        groups[0][0].project.create_schema(cluster.dsn())
         lives = alternate(
-            pairs,
+            groups,
             cluster,
             cluster.dsn(driver=""),
             clients,
@@ -339,55 +412,83 @@ def main() -> int:
             args.seconds,
             args.rounds,
             workdir,
+            together=args.together,
         )
     load_average = Path("/proc/loadavg").read_text().split()[:3]
-    section = report(args, pairs, lives, clients, time.monotonic() - started, load_average)
+    section = report(args, groups, lives, clients, time.monotonic() - started, load_average)
     print(section)
     if args.write:
-        begin, end = markers(args.ms, args.targets)
+        begin, end = markers(args.ms, args.targets, args.together)
         bench.replace_section(section, begin, end)
     return 0
 
 
-def markers(ms: int, targets: str) -> tuple[str, str]:
-    """One RESULTS.md section per query length and targets, so runs of each stay side by side."""
-    name = f"efficiency-{ms}ms-{targets.replace(',', '-')}"
+def markers(ms: int, targets: str, together: bool = False) -> tuple[str, str]:
+    """One RESULTS.md section per query length, targets and way of taking turns, so runs of
+    each stay side by side."""
+    name = f"efficiency-{ms}ms-{targets.replace(',', '-')}" + ("-together" if together else "")
     return f"<!-- {name}:begin (written by bench/efficiency.py) -->", f"<!-- {name}:end -->"
 
 
 def report(
     args: argparse.Namespace,
-    pairs: list[tuple[Variant, Variant]],
+    groups: list[tuple[Variant, ...]],
     lives: list[Life],
     clients: list[int],
     elapsed: float,
     load_average: list[str],
 ) -> str:
     info = bench.machine()
-    begin, end = markers(args.ms, args.targets)
+    begin, end = markers(args.ms, args.targets, args.together)
     limit = f"; physical limit {CONNECTIONS / (args.ms / 1000):.0f} req/s" if args.ms else ""
     lines = [
         begin,
         f"## Requests per second at equal connections, `pg_sleep({args.ms / 1000:g})`,"
-        f" {args.targets.replace(',', ' and ')} (bench/efficiency.py)",
+        f" {args.targets.replace(',', ' and ')}"
+        + (", served at the same time" if args.together else "")
+        + " (bench/efficiency.py)",
         "",
         f"`.venv/bin/python bench/efficiency.py --ms {args.ms} --clients {args.clients}"
-        f" --targets {args.targets} --rounds {args.rounds} --seconds {args.seconds:g} --write`,"
+        f" --targets {args.targets} --rounds {args.rounds} --seconds {args.seconds:g}"
+        + (" --together" if args.together else "")
+        + (" --control" if args.control else "")
+        + " --write`,"
         f" {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min. Machine:"
         f" {info['cpu']} ({info['speed']}), {info['memory']}; {info['python']}; {info['postgres']};"
         f" {info['packages']}. Load average at the end {' '.join(load_average)}. Read the"
-        " ratios (the services take turns at each client count, seconds apart), not the"
-        " absolute numbers: the service shares two cores with PostgreSQL and the load"
-        " generator.",
+        + (
+            " ratios (the services are loaded at the same time, each with its own clients, and"
+            " share the two cores with each other, PostgreSQL and the load generator), not the"
+            " absolute numbers."
+            if args.together
+            else " ratios (the services take turns at each client count, seconds apart), not"
+            " the absolute numbers: the service shares two cores with PostgreSQL and the load"
+            " generator."
+        ),
         "",
         f"Every service: {CONNECTIONS} connections (5 + 5), pool_timeout 5 s; closed-loop clients"
         f" on `SELECT pg_sleep({args.ms / 1000:g})`{limit}. Median of {args.rounds} rounds of"
-        f" {args.seconds:g} s per client count, the services taking turns; CPU is the service"
-        " process's user + system seconds per wall second.",
+        f" {args.seconds:g} s per client count, "
+        + ("both services at once" if args.together else "the services taking turns")
+        + "; CPU is the service process's user + system seconds per wall second."
+        + (
+            " The second copy of each hand-written service is the control: the same code"
+            " compared with itself in the same rounds, so its ratios are the spread the"
+            " machine alone gives."
+            if args.control
+            else ""
+        ),
         "",
     ]
     lines += ratio_table(
-        lives, [(generated.label, baseline.label) for generated, baseline in pairs], clients
+        lives,
+        [
+            (variant.label, group[1].label)
+            for group in groups
+            for variant in group
+            if variant is not group[1]
+        ],
+        clients,
     )
     lines += ["", sessions_line(lives), end]
     return "\n".join(lines)

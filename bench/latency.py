@@ -304,13 +304,7 @@ def report(
         " service with pool_pre_ping=True, in the same rounds.",
         "",
     ]
-    rows = efficiency.ratio_table(lives, pairs, [args.clients])
-    seen = set()
-    for row in rows:  # each hand-written row appears once per pair: keep the first
-        if row in seen:
-            continue
-        seen.add(row)
-        lines.append(row)
+    lines += efficiency.ratio_table(lives, pairs, [args.clients])
     lines += [
         "",
         efficiency.sessions_line(lives),
