@@ -18,10 +18,9 @@ Compared, taking turns within one run so drift hits both alike:
   async   the generated k8s-async service vs  hand-written: ``async with SessionLocal() as
           session:`` in an ``async def`` endpoint (bench/apps.py handwritten_async_app)
 
-A round starts both services (each on a database of its own, copied from the app database),
-warms each up, and then at every client count measures one and then the other, the order
-flipping at every count and every round: the two runs compared are seconds apart, not a whole
-round. (Until 2026-12-04 each service served all client counts in one life, one after the
+A round starts every service (each on a database of its own, copied from the app database),
+warms each up, and then at every client count measures one after the other, the order rotating
+at every count and every round: the runs compared are seconds apart, not a whole round. (Until 2026-12-04 each service served all client counts in one life, one after the
 other, and the runs compared were half a minute apart; on a shared 2-core machine that left
 per-round ratios spread by up to 0.6 at one client count.) Only the service being measured gets
 requests; the other sits idle with its connections open.
@@ -258,8 +257,10 @@ def alternate(
     """Every group, every round: its services run at once, taking turns at each client count.
 
     A round starts one process per variant (each on a database of its own) and warms each up;
-    then, at every client count, each variant is measured in turn, the order flipping at every
-    count and every round, so the runs compared are seconds apart and drift on a shared
+    then, at every client count, each variant is measured in turn, the order rotating at every
+    count and every round (each variant first, middle and last alike: with three variants and
+    the baseline always in the middle, a second copy of it measured 0.91x of it in all seven
+    rounds at one client count), so the runs compared are seconds apart and drift on a shared
     machine hits both alike. Only the variant being measured gets requests: the others sit
     idle with their connections open.
 
@@ -270,7 +271,7 @@ def alternate(
     lives = []
     for round_ in range(1, rounds + 1):
         for group in groups:
-            order = list(group if round_ % 2 else reversed(group))
+            order = list(group[round_ % len(group) :] + group[: round_ % len(group)])
             with contextlib.ExitStack() as stack:
                 running = []
                 for variant in order:
@@ -283,7 +284,8 @@ def alternate(
                     )
                 life_of = {variant.label: life for variant, _s, _d, _b, life in running}
                 for index, count in enumerate(clients):
-                    order_now = running if index % 2 == 0 else running[::-1]
+                    shift = (round_ + index) % len(running)
+                    order_now = running[shift:] + running[:shift]
                     entries = [(variant.label, service) for variant, service, *_ in order_now]
                     turns = [entries] if together else [[entry] for entry in entries]
                     for turn in turns:
