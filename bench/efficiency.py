@@ -20,9 +20,10 @@ Compared, taking turns within one run so drift hits both alike:
 
 A round starts every service (each on a database of its own, copied from the app database),
 warms each up, and then at every client count measures one after the other, the order rotating
-at every count and every round: the runs compared are seconds apart, not a whole round. (Until 2026-12-04 each service served all client counts in one life, one after the
-other, and the runs compared were half a minute apart; on a shared 2-core machine that left
-per-round ratios spread by up to 0.6 at one client count.) Only the service being measured gets
+at every count and every round: the runs compared are seconds apart, not a whole round.
+(Until 2026-12-04 each service served all client counts in one life, one after the other, and
+the runs compared were half a minute apart; on a shared 2-core machine that left per-round
+ratios spread by up to 0.6 at one client count.) Only the service being measured gets
 requests; the other sits idle with its connections open.
 
     --control    also runs a second copy of each hand-written service and compares it with the
@@ -53,6 +54,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from psycopg import sql
 
@@ -64,6 +66,7 @@ from harness import ActivitySampler, PostgresCluster, missing_requirements  # no
 from loadgen import LoadResult, load, run_load  # noqa: E402
 from services import RenderedProject, ServiceProcess, render  # noqa: E402
 
+T = TypeVar("T")
 POOL = {"pool_size": 5, "max_overflow": 5}
 CONNECTIONS = POOL["pool_size"] + POOL["max_overflow"]
 TARGETS = {
@@ -243,6 +246,12 @@ async def _load_at_once(
     )
 
 
+def rotated(items: list[T], shift: int) -> list[T]:
+    """`items` rotated left by `shift`: each one comes first in turn as `shift` counts up."""
+    shift %= len(items)
+    return items[shift:] + items[:shift]
+
+
 def alternate(
     groups: list[tuple[Variant, ...]],
     cluster: PostgresCluster,
@@ -271,7 +280,7 @@ def alternate(
     lives = []
     for round_ in range(1, rounds + 1):
         for group in groups:
-            order = list(group[round_ % len(group) :] + group[: round_ % len(group)])
+            order = rotated(list(group), round_)
             with contextlib.ExitStack() as stack:
                 running = []
                 for variant in order:
@@ -284,8 +293,8 @@ def alternate(
                     )
                 life_of = {variant.label: life for variant, _s, _d, _b, life in running}
                 for index, count in enumerate(clients):
-                    shift = (round_ + index) % len(running)
-                    order_now = running[shift:] + running[:shift]
+                    # running is already rotated by the round: together, by round + index.
+                    order_now = rotated(running, index)
                     entries = [(variant.label, service) for variant, service, *_ in order_now]
                     turns = [entries] if together else [[entry] for entry in entries]
                     for turn in turns:
