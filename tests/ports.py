@@ -17,13 +17,30 @@ def free_port(host: str = "127.0.0.1") -> int:
 
     Callers retry on the small race between this check and their server's bind.
     """
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct, currently free TCP ports on ``host`` below the ephemeral range.
+
+    Distinct because two independent draws from the range can return the same port (1 in
+    12,768 per pair, which a full suite's hundreds of two-port services do meet), and a service
+    given one port twice refuses to start.
+    """
     rng = random.SystemRandom()
-    for _ in range(200):
+    ports: list[int] = []
+    for _ in range(200 * count):
         port = rng.choice(SERVER_PORTS)
+        if port in ports:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             try:
                 probe.bind((host, port))
             except OSError:
                 continue
-            return port
-    raise RuntimeError(f"no free port on {host} in {SERVER_PORTS.start}-{SERVER_PORTS.stop - 1}")
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(
+        f"no {count} free ports on {host} in {SERVER_PORTS.start}-{SERVER_PORTS.stop - 1}"
+    )

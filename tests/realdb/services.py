@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import rendering
-from harness import PostgresCluster, free_port, pid_alive
+from harness import PostgresCluster, free_ports, pid_alive
 from loadgen import BackgroundLoad, repeat_get, request
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -216,8 +216,7 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         last = ""
         for _attempt in range(3):  # bounded retry on the free-port race
-            self.port = free_port()
-            self.metrics_port = free_port()
+            self.port, self.metrics_port = free_ports(2)
             ports = {"PORT": self.port, "METRICS_PORT": self.metrics_port}
             with self.log_path.open("ab") as log:
                 self.proc = subprocess.Popen(

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 import yaml
-from harness import PostgresCluster, free_port
+from harness import PostgresCluster, free_ports
 from image import ShippedImage
 from loadgen import request
 from psycopg import sql
@@ -157,11 +157,11 @@ def start_k8s_service(
     """The image's CMD, once GET /readyz answers 200; (process, port)."""
     log = ""
     for _attempt in range(3):  # bounded retry on the free-port race
-        port = free_port()
+        port, metrics_port = free_ports(2)
         # HOST: the image listens on 0.0.0.0; tests listen on 127.0.0.1 only. The image's
         # METRICS_PORT is a fixed port, which tests running at once would share: each its own.
         env = shipped.env(
-            HOST="127.0.0.1", PORT=port, METRICS_PORT=free_port(), DATABASE_URL=database_url
+            HOST="127.0.0.1", PORT=port, METRICS_PORT=metrics_port, DATABASE_URL=database_url
         )
         with log_path.open("wb") as sink:
             proc = shipped.popen(

@@ -10,7 +10,7 @@ scrapes running services and evaluates their alert rules (imported as ``harness.
 """
 
 # One port picker for every server the tests start (tests/ports.py), below the ephemeral range.
-from ports import free_port
+from ports import free_port, free_ports
 
 from .pgbouncer import PgBouncer, PoolMode
 from .postgres import PostgresCluster
@@ -42,6 +42,7 @@ __all__ = [
     "find_pg_bin",
     "find_pgbouncer",
     "free_port",
+    "free_ports",
     "missing_requirements",
     "pid_alive",
 ]
