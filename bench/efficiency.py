@@ -32,6 +32,15 @@ requests; the other sits idle with its connections open.
     --together   loads the compared services at the same time, each with its own clients,
                  instead of in turn: no time between the runs compared, but the services share
                  the cores with each other.
+    --steady     also runs each hand-written service with a pool that never closes a connection
+                 it has opened (pool_size 10, max_overflow 0: the same 10 connections), compared
+                 with the first: what QueuePool's closing and reopening of burst connections,
+                 which the generated pool does not do, is worth at each load.
+    --pin        gives the services a core of their own (CPU 1) and leaves the other (CPU 0) to
+                 the load generator and PostgreSQL, as a deployed service has its own CPU and
+                 its database another machine's: the service measured no longer competes with
+                 the load it is given. Each core's busy share is reported, to show which one
+                 bounded the number.
 
 Reported per client count: requests per second (median of the rounds), the ratio generated /
 hand-written of the medians and its spread over the rounds (each round's own ratio), the service
@@ -48,6 +57,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import os
 import statistics
 import sys
 import tempfile
@@ -85,6 +95,7 @@ class Run:
     machine: float
     peak: int
     errors: dict[str, int]
+    cores: list[float] = field(default_factory=list)  # busy share of each core during the run
 
 
 @dataclass
@@ -105,11 +116,28 @@ class Variant:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of every core, from /proc/stat."""
-    values = [int(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return sum(values) - idle, sum(values)
+def core_busy() -> list[tuple[float, float]]:
+    """(busy, total) jiffies of all cores together, then of each core, from /proc/stat."""
+    counters = []
+    for line in Path("/proc/stat").read_text().splitlines():
+        if not line.startswith("cpu"):
+            break
+        values = [int(value) for value in line.split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        counters.append((sum(values) - idle, sum(values)))
+    return counters
+
+
+def busy_between(
+    before: list[tuple[float, float]], after: list[tuple[float, float]]
+) -> list[float]:
+    """Busy share of each counter of core_busy() between two readings."""
+    return [
+        (busy_after - busy_before) / max(total_after - total_before, 1)
+        for (busy_before, total_before), (busy_after, total_after) in zip(
+            before, after, strict=True
+        )
+    ]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -156,11 +184,13 @@ def start(
         application_name,
         workdir,
         argv=[str(BENCH / "serve.py"), variant.kind],
-        BENCH_PACKAGE=variant.project.package,
-        PYTHONPATH=f"{BENCH}:{variant.project.root / 'src'}",
-        POOL_SIZE=POOL["pool_size"],
-        POOL_MAX_OVERFLOW=POOL["max_overflow"],
-        **variant.env,
+        **{
+            "BENCH_PACKAGE": variant.project.package,
+            "PYTHONPATH": f"{BENCH}:{variant.project.root / 'src'}",
+            "POOL_SIZE": POOL["pool_size"],
+            "POOL_MAX_OVERFLOW": POOL["max_overflow"],
+            **variant.env,  # a variant's own settings win
+        },
     )
     return service, database, sessions_opened(cluster, database)
 
@@ -181,7 +211,7 @@ def measure(
 ) -> list[Run]:
     """Load every service of `turn` at once, `clients` clients each, for `seconds`: one Run each."""
     before = [cpu_seconds(service.pid) for _label, service in turn]
-    machine_before = machine_busy()
+    cores_before = core_busy()
     with contextlib.ExitStack() as stack:
         samplers = [
             stack.enter_context(
@@ -196,8 +226,7 @@ def measure(
         cpu_seconds(service.pid) - start
         for (_label, service), start in zip(turn, before, strict=True)
     ]
-    busy_after, total_after = machine_busy()
-    machine = (busy_after - machine_before[0]) / max(total_after - machine_before[1], 1)
+    machine, *cores = busy_between(cores_before, core_busy())
     runs = []
     for (label, _service), result, sampler, cpu in zip(turn, results, samplers, used, strict=True):
         errors: dict[str, int] = {}
@@ -213,10 +242,12 @@ def measure(
             machine,
             sampler.peak,
             errors,
+            cores,
         )
         print(
             f"  round {round_} {label:<28} {clients:4d} clients {run.ok_per_second:7.1f} req/s"
-            f"  cpu {run.cpu:.2f}  machine {run.machine:.0%}  peak {run.peak}"
+            f"  cpu {run.cpu:.2f}  machine {run.machine:.0%}"
+            f" ({', '.join(f'{share:.0%}' for share in cores)})  peak {run.peak}"
             f"  errors {errors or 'none'}",
             flush=True,
         )
@@ -392,12 +423,24 @@ def main() -> int:
         help="also run a second copy of each hand-written service, compared with the first:"
         " what the spread is when nothing differs",
     )
+    parser.add_argument(
+        "--steady",
+        action="store_true",
+        help="also run each hand-written service with a 10 + 0 pool (no burst connections to"
+        " close), compared with the first",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the services on CPU 1, the load generator and PostgreSQL on CPU 0",
+    )
     parser.add_argument("--write", action="store_true", help="rewrite the RESULTS.md section")
     args = parser.parse_args()
     reason = missing_requirements()
     if reason:
         print(f"cannot run the benchmark: {reason}", file=sys.stderr)
         return 2
+    service_env = pin_cores() if args.pin else {}
     clients = [int(count) for count in args.clients.split(",")]
     targets = args.targets.split(",")
     workdir = Path(tempfile.mkdtemp(prefix="poolwise-efficiency-"))
@@ -407,9 +450,15 @@ def main() -> int:
         project = render(
             workdir / target, {"project_name": f"eff-{target}", "target": f"k8s-{target}", **POOL}
         )
-        group = (Variant(generated, "generated", project), Variant(handwritten, kind, project))
+        group = (
+            Variant(generated, "generated", project, service_env),
+            Variant(handwritten, kind, project, service_env),
+        )
         if args.control:
-            group += (Variant(f"{handwritten}, second copy", kind, project),)
+            group += (Variant(f"{handwritten}, second copy", kind, project, service_env),)
+        if args.steady:
+            steady = {**service_env, "POOL_SIZE": str(CONNECTIONS), "POOL_MAX_OVERFLOW": "0"}
+            group += (Variant(f"{handwritten}, {CONNECTIONS} + 0 pool", kind, project, steady),)
         groups.append(group)
     started = time.monotonic()
     with PostgresCluster(max_connections=100) as cluster:
@@ -429,15 +478,43 @@ def main() -> int:
     section = report(args, groups, lives, clients, time.monotonic() - started, load_average)
     print(section)
     if args.write:
-        begin, end = markers(args.ms, args.targets, args.together)
+        begin, end = markers(args.ms, args.targets, args.together, args.pin)
         bench.replace_section(section, begin, end)
     return 0
 
 
-def markers(ms: int, targets: str, together: bool = False) -> tuple[str, str]:
-    """One RESULTS.md section per query length, targets and way of taking turns, so runs of
-    each stay side by side."""
-    name = f"efficiency-{ms}ms-{targets.replace(',', '-')}" + ("-together" if together else "")
+def pin_cores() -> dict[str, str]:
+    """Keep this process (the load generator) and what it starts next (PostgreSQL) on CPU 0;
+    the environment that puts a service on CPU 1 (bench/serve.py reads BENCH_CPUS)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("--pin needs two cores: one for the services, one for the rest")
+    os.sched_setaffinity(0, {0})
+    return {"BENCH_CPUS": "1"}
+
+
+def cores_line(lives: list[Life]) -> str:
+    """How busy each core was during the runs: which one bounded the numbers."""
+    runs = [run for life in lives for run in life.runs]
+    names = ["core 0 (load generator, PostgreSQL)", "core 1 (the service measured)"]
+    parts = []
+    for index, name in enumerate(names):
+        shares = sorted(run.cores[index] for run in runs if len(run.cores) > index)
+        if shares:
+            parts.append(
+                f"{name} median {statistics.median(shares):.0%}"
+                f" ({shares[0]:.0%} - {shares[-1]:.0%})"
+            )
+    return "Busy share of each core during the runs: " + "; ".join(parts) + "."
+
+
+def markers(ms: int, targets: str, together: bool = False, pin: bool = False) -> tuple[str, str]:
+    """One RESULTS.md section per query length, targets, way of taking turns and placement on
+    the cores, so runs of each stay side by side."""
+    name = (
+        f"efficiency-{ms}ms-{targets.replace(',', '-')}"
+        + ("-together" if together else "")
+        + ("-pinned" if pin else "")
+    )
     return f"<!-- {name}:begin (written by bench/efficiency.py) -->", f"<!-- {name}:end -->"
 
 
@@ -450,19 +527,22 @@ def report(
     load_average: list[str],
 ) -> str:
     info = bench.machine()
-    begin, end = markers(args.ms, args.targets, args.together)
+    begin, end = markers(args.ms, args.targets, args.together, args.pin)
     limit = f"; physical limit {CONNECTIONS / (args.ms / 1000):.0f} req/s" if args.ms else ""
     lines = [
         begin,
         f"## Requests per second at equal connections, `pg_sleep({args.ms / 1000:g})`,"
         f" {args.targets.replace(',', ' and ')}"
         + (", served at the same time" if args.together else "")
+        + (", the service on a core of its own" if args.pin else "")
         + " (bench/efficiency.py)",
         "",
         f"`.venv/bin/python bench/efficiency.py --ms {args.ms} --clients {args.clients}"
         f" --targets {args.targets} --rounds {args.rounds} --seconds {args.seconds:g}"
         + (" --together" if args.together else "")
         + (" --control" if args.control else "")
+        + (" --steady" if args.steady else "")
+        + (" --pin" if args.pin else "")
         + " --write`,"
         f" {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min. Machine:"
         f" {info['cpu']} ({info['speed']}), {info['memory']}; {info['python']}; {info['postgres']};"
@@ -473,11 +553,16 @@ def report(
             " absolute numbers."
             if args.together
             else " ratios (the services take turns at each client count, seconds apart), not"
+            " the absolute numbers: the service has CPU 1 to itself, and the load generator"
+            " and PostgreSQL share CPU 0."
+            if args.pin
+            else " ratios (the services take turns at each client count, seconds apart), not"
             " the absolute numbers: the service shares two cores with PostgreSQL and the load"
             " generator."
         ),
         "",
-        f"Every service: {CONNECTIONS} connections (5 + 5), pool_timeout 5 s; closed-loop clients"
+        f"Every service: {CONNECTIONS} connections (5 + 5 unless named), pool_timeout 5 s;"
+        " closed-loop clients"
         f" on `SELECT pg_sleep({args.ms / 1000:g})`{limit}. Median of {args.rounds} rounds of"
         f" {args.seconds:g} s per client count, "
         + ("both services at once" if args.together else "the services taking turns")
@@ -487,6 +572,14 @@ def report(
             " compared with itself in the same rounds, so its ratios are the spread the"
             " machine alone gives."
             if args.control
+            else ""
+        )
+        + (
+            f" The hand-written service with a {CONNECTIONS} + 0 pool is the same code with a"
+            " pool that keeps every connection it opens: QueuePool 5 + 5 closes a returned"
+            " burst connection whenever 5 sit idle and opens a new one at the next burst; the"
+            " generated pool does not."
+            if args.steady
             else ""
         ),
         "",
@@ -501,7 +594,10 @@ def report(
         ],
         clients,
     )
-    lines += ["", sessions_line(lives), end]
+    lines += ["", sessions_line(lives)]
+    if args.pin:
+        lines += ["", cores_line(lives)]
+    lines.append(end)
     return "\n".join(lines)
 
 

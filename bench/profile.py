@@ -193,11 +193,24 @@ def main() -> int:
         metavar="NAME=VALUE",
         help="set in the generated service's environment (an experiment)",
     )
+    parser.add_argument(
+        "--baseline-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set in the hand-written service's environment (an experiment)",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the services on CPU 1, the load generator and PostgreSQL on CPU 0 (efficiency.py)",
+    )
     args = parser.parse_args()
     reason = missing_requirements()
     if reason:
         print(f"cannot run the benchmark: {reason}", file=sys.stderr)
         return 2
+    service_env = efficiency.pin_cores() if args.pin else {}
     workdir = Path(tempfile.mkdtemp(prefix="poolwise-profile-"))
     generated, handwritten, kind = efficiency.TARGETS[args.target]
     project = render(
@@ -205,9 +218,10 @@ def main() -> int:
         {"project_name": f"prof-{args.target}", "target": f"k8s-{args.target}", **efficiency.POOL},
     )
     extra = dict(item.split("=", 1) for item in args.env)
+    baseline_extra = dict(item.split("=", 1) for item in args.baseline_env)
     variants = [
-        efficiency.Variant(generated, "generated", project, extra),
-        efficiency.Variant(handwritten, kind, project),
+        efficiency.Variant(generated, "generated", project, {**service_env, **extra}),
+        efficiency.Variant(handwritten, kind, project, {**service_env, **baseline_extra}),
     ]
     profiles = {variant.label: Profile(variant.label) for variant in variants}
     with PostgresCluster(max_connections=100) as cluster:

@@ -17,6 +17,10 @@ import uvicorn
 
 
 def main() -> int:
+    if os.environ.get("BENCH_CPUS"):
+        # bench/efficiency.py --pin: the services on cores of their own (threads started later
+        # inherit the mask).
+        os.sched_setaffinity(0, {int(cpu) for cpu in os.environ["BENCH_CPUS"].split(",")})
     kind = sys.argv[1]
     package = os.environ["BENCH_PACKAGE"]
     main_module = importlib.import_module(f"{package}.__main__")
