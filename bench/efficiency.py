@@ -220,7 +220,7 @@ def measure(
             for _label, service in turn
         ]
         results = asyncio.run(
-            _load_at_once([service.port for _label, service in turn], clients, ms, seconds)
+            load_at_once([service.port for _label, service in turn], clients, ms, seconds)
         )
     used = [
         cpu_seconds(service.pid) - start
@@ -255,9 +255,7 @@ def measure(
     return runs
 
 
-async def _load_at_once(
-    ports: list[int], clients: int, ms: int, seconds: float
-) -> list[LoadResult]:
+async def load_at_once(ports: list[int], clients: int, ms: int, seconds: float) -> list[LoadResult]:
     """Closed-loop load on every port at once, from one event loop (the load generator's CPU
     is shared alike)."""
     return list(

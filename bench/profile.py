@@ -39,7 +39,7 @@ sys.path.insert(0, str(BENCH))
 import efficiency  # noqa: E402  (bench/efficiency.py: the services, the pool and the runner)
 import load as bench  # noqa: E402
 from harness import PostgresCluster, missing_requirements  # noqa: E402
-from loadgen import load, run_load  # noqa: E402
+from loadgen import load  # noqa: E402
 from services import render  # noqa: E402
 
 # "function (path/to/module.py:line)" in py-spy's raw (collapsed) output.
@@ -124,6 +124,10 @@ def per_request(samples: int, profile: Profile, rate: int) -> float:
     return samples / rate / max(profile.requests, 1) * 1e6
 
 
+def row(name: str, values: list[float], spec: str = ".0f") -> str:
+    return f"| {name} | " + " | ".join(format(value, spec) for value in values) + " |"
+
+
 def report(profiles: list[Profile], rate: int, top: int) -> list[str]:
     first, second = profiles
     lines = [
@@ -131,18 +135,14 @@ def report(profiles: list[Profile], rate: int, top: int) -> list[str]:
         "|---|" + "---:|" * len(profiles),
         "| requests served | " + " | ".join(str(p.requests) for p in profiles) + " |",
         "| req/s | " + " | ".join(f"{p.requests / p.seconds:.0f}" for p in profiles) + " |",
-        "| CPU, us per request: user | "
-        + " | ".join(f"{p.user / max(p.requests, 1) * 1e6:.0f}" for p in profiles)
-        + " |",
-        "| CPU, us per request: system | "
-        + " | ".join(f"{p.system / max(p.requests, 1) * 1e6:.0f}" for p in profiles)
-        + " |",
-        "| context switches per request | "
-        + " | ".join(f"{p.switches / max(p.requests, 1):.1f}" for p in profiles)
-        + " |",
-        "| GIL held, us per request | "
-        + " | ".join(f"{per_request(p.samples, p, rate):.0f}" for p in profiles)
-        + " |",
+        row("CPU, us per request: user", [p.user / max(p.requests, 1) * 1e6 for p in profiles]),
+        row("CPU, us per request: system", [p.system / max(p.requests, 1) * 1e6 for p in profiles]),
+        row(
+            "context switches per request",
+            [p.switches / max(p.requests, 1) for p in profiles],
+            ".1f",
+        ),
+        row("GIL held, us per request", [per_request(p.samples, p, rate) for p in profiles]),
         "| of which, by the innermost frame's package: | |" + " |" * (len(profiles) - 1),
     ]
     packages = sorted(
@@ -249,15 +249,8 @@ def main() -> int:
                     out = workdir / f"{variant.kind}-{round_}.raw"
                     counters = process_counters(service.pid)
                     spy = record(service.pid, args.seconds, args.rate, out)
-                    result = asyncio.run(
-                        run_load(
-                            service.port,
-                            bench.work(args.ms),
-                            clients=args.clients,
-                            duration=args.seconds,
-                            max_requests=200_000,
-                            timeout=30,
-                        )
+                    (result,) = asyncio.run(
+                        efficiency.load_at_once([service.port], args.clients, args.ms, args.seconds)
                     )
                     user, system, switches = (
                         after - before
