@@ -42,6 +42,13 @@ requests; the other sits idle with its connections open.
                  the load it is given. Each core's busy share is reported, to show which one
                  bounded the number.
 
+    --spread N   makes each query last MS - N to MS + N ms, drawn from a fixed table so every
+                 service gets the same durations, instead of exactly MS: pg_sleep is exact,
+                 and a closed loop of as many clients as connections on an exact query falls
+                 into step (every request finishes and queues for the service's CPU with the
+                 others, every time) unless something, such as a pool reopening connections,
+                 knocks it out of step. Real queries vary.
+
 Reported per client count: requests per second (median of the rounds), the ratio generated /
 hand-written of the medians and its spread over the rounds (each round's own ratio), the service
 process's CPU use (user + system seconds per wall second, from /proc), and the PostgreSQL
@@ -208,6 +215,7 @@ def measure(
     ms: int,
     seconds: float,
     round_: int,
+    spread: int = 0,
 ) -> list[Run]:
     """Load every service of `turn` at once, `clients` clients each, for `seconds`: one Run each."""
     before = [cpu_seconds(service.pid) for _label, service in turn]
@@ -220,7 +228,7 @@ def measure(
             for _label, service in turn
         ]
         results = asyncio.run(
-            load_at_once([service.port for _label, service in turn], clients, ms, seconds)
+            load_at_once([service.port for _label, service in turn], clients, ms, seconds, spread)
         )
     used = [
         cpu_seconds(service.pid) - start
@@ -255,7 +263,9 @@ def measure(
     return runs
 
 
-async def load_at_once(ports: list[int], clients: int, ms: int, seconds: float) -> list[LoadResult]:
+async def load_at_once(
+    ports: list[int], clients: int, ms: int, seconds: float, spread: int = 0
+) -> list[LoadResult]:
     """Closed-loop load on every port at once, from one event loop (the load generator's CPU
     is shared alike)."""
     return list(
@@ -263,7 +273,7 @@ async def load_at_once(ports: list[int], clients: int, ms: int, seconds: float) 
             *(
                 run_load(
                     port,
-                    bench.work(ms),
+                    bench.work(ms, spread),
                     clients=clients,
                     duration=seconds,
                     max_requests=200_000,
@@ -291,6 +301,7 @@ def alternate(
     rounds: int,
     workdir: Path,
     together: bool = False,
+    spread: int = 0,
 ) -> list[Life]:
     """Every group, every round: its services run at once, taking turns at each client count.
 
@@ -301,6 +312,9 @@ def alternate(
     rounds at one client count), so the runs compared are seconds apart and drift on a shared
     machine hits both alike. Only the variant being measured gets requests: the others sit
     idle with their connections open.
+
+    spread: each query lasts ms - spread to ms + spread (bench/load.py work), the same
+    durations for every variant.
 
     together: at every client count the variants are loaded at the same time instead, each
     with its own `clients` clients, so they share the same machine in the same seconds: no
@@ -316,7 +330,13 @@ def alternate(
                     service, database, before = start(variant, cluster, dsn, round_, workdir)
                     stack.enter_context(service)
                     service.wait_ready()
-                    load(service.port, bench.work(ms), clients=10, duration=2, max_requests=5_000)
+                    load(
+                        service.port,
+                        bench.work(ms, spread),
+                        clients=10,
+                        duration=2,
+                        max_requests=5_000,
+                    )
                     running.append(
                         (variant, service, database, before, Life(variant.label, round_))
                     )
@@ -328,7 +348,7 @@ def alternate(
                     turns = [entries] if together else [[entry] for entry in entries]
                     for turn in turns:
                         time.sleep(0.5)
-                        for run in measure(turn, cluster, count, ms, seconds, round_):
+                        for run in measure(turn, cluster, count, ms, seconds, round_, spread):
                             life_of[run.label].runs.append(run)
             time.sleep(1.0)  # the backends' exit reports reach pg_stat_database
             for variant, _service, database, before, life in running:
@@ -408,6 +428,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4)
     parser.add_argument("--clients", default="10,30,60,100,200,400")
     parser.add_argument("--ms", type=int, default=20, help="pg_sleep per request, ms")
+    parser.add_argument(
+        "--spread",
+        type=int,
+        default=0,
+        help="each query lasts MS - SPREAD to MS + SPREAD ms (the same durations for every"
+        " service) instead of exactly MS: real queries vary",
+    )
     parser.add_argument("--targets", default="sync,async")
     parser.add_argument(
         "--together",
@@ -434,6 +461,8 @@ def main() -> int:
     )
     parser.add_argument("--write", action="store_true", help="rewrite the RESULTS.md section")
     args = parser.parse_args()
+    if not 0 <= args.spread <= args.ms:
+        parser.error(f"--spread {args.spread}: must be from 0 to --ms ({args.ms})")
     reason = missing_requirements()
     if reason:
         print(f"cannot run the benchmark: {reason}", file=sys.stderr)
@@ -471,12 +500,13 @@ def main() -> int:
             args.rounds,
             workdir,
             together=args.together,
+            spread=args.spread,
         )
     load_average = Path("/proc/loadavg").read_text().split()[:3]
     section = report(args, groups, lives, clients, time.monotonic() - started, load_average)
     print(section)
     if args.write:
-        begin, end = markers(args.ms, args.targets, args.together, args.pin)
+        begin, end = markers(args.ms, args.targets, args.together, args.pin, args.spread)
         bench.replace_section(section, begin, end)
     return 0
 
@@ -505,11 +535,15 @@ def cores_line(lives: list[Life]) -> str:
     return "Busy share of each core during the runs: " + "; ".join(parts) + "."
 
 
-def markers(ms: int, targets: str, together: bool = False, pin: bool = False) -> tuple[str, str]:
+def markers(
+    ms: int, targets: str, together: bool = False, pin: bool = False, spread: int = 0
+) -> tuple[str, str]:
     """One RESULTS.md section per query length, targets, way of taking turns and placement on
     the cores, so runs of each stay side by side."""
     name = (
-        f"efficiency-{ms}ms-{targets.replace(',', '-')}"
+        f"efficiency-{ms}ms"
+        + (f"-spread{spread}" if spread else "")
+        + f"-{targets.replace(',', '-')}"
         + ("-together" if together else "")
         + ("-pinned" if pin else "")
     )
@@ -525,17 +559,27 @@ def report(
     load_average: list[str],
 ) -> str:
     info = bench.machine()
-    begin, end = markers(args.ms, args.targets, args.together, args.pin)
+    begin, end = markers(args.ms, args.targets, args.together, args.pin, args.spread)
+    query = (
+        f"`SELECT pg_sleep(x)`, x from {(args.ms - args.spread) / 1000:g} to"
+        f" {(args.ms + args.spread) / 1000:g} s (uniform, the same sequence for every service)"
+        if args.spread
+        else f"`SELECT pg_sleep({args.ms / 1000:g})`"
+    )
     limit = f"; physical limit {CONNECTIONS / (args.ms / 1000):.0f} req/s" if args.ms else ""
     lines = [
         begin,
-        f"## Requests per second at equal connections, `pg_sleep({args.ms / 1000:g})`,"
+        f"## Requests per second at equal connections, `pg_sleep({args.ms / 1000:g}"
+        + (f" ± {args.spread / 1000:g}" if args.spread else "")
+        + ")`,"
         f" {args.targets.replace(',', ' and ')}"
         + (", served at the same time" if args.together else "")
         + (", the service on a core of its own" if args.pin else "")
         + " (bench/efficiency.py)",
         "",
-        f"`.venv/bin/python bench/efficiency.py --ms {args.ms} --clients {args.clients}"
+        f"`.venv/bin/python bench/efficiency.py --ms {args.ms}"
+        + (f" --spread {args.spread}" if args.spread else "")
+        + f" --clients {args.clients}"
         f" --targets {args.targets} --rounds {args.rounds} --seconds {args.seconds:g}"
         + (" --together" if args.together else "")
         + (" --control" if args.control else "")
@@ -561,7 +605,7 @@ def report(
         "",
         f"Every service: {CONNECTIONS} connections (5 + 5 unless named), pool_timeout 5 s;"
         " closed-loop clients"
-        f" on `SELECT pg_sleep({args.ms / 1000:g})`{limit}. Median of {args.rounds} rounds of"
+        f" on {query}{limit}. Median of {args.rounds} rounds of"
         f" {args.seconds:g} s per client count, "
         + ("both services at once" if args.together else "the services taking turns")
         + "; CPU is the service process's user + system seconds per wall second."

@@ -31,6 +31,7 @@ import datetime as dt
 import math
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -202,8 +203,20 @@ def run_service(
     return rows
 
 
-def work(ms: int):
-    return lambda client, sequence: ("GET", f"/work?ms={ms}", None)
+def work(ms: int, spread: int = 0):
+    """GET /work?ms=MS for every request; with spread, MS - spread to MS + spread instead.
+
+    pg_sleep lasts exactly what it is asked, and a closed loop of as many clients as
+    connections then keeps its requests in step: they finish together and queue for the
+    service's CPU together, every time. Real queries vary; the spread stands for that. The
+    durations come from a fixed table indexed by client and sequence, so every service
+    measured gets the same ones, and the mean stays MS.
+    """
+    if not spread:
+        return lambda client, sequence: ("GET", f"/work?ms={ms}", None)
+    durations = random.Random(20261205).choices(range(ms - spread, ms + spread + 1), k=4096)
+    paths = [f"/work?ms={duration}" for duration in durations]
+    return lambda client, sequence: ("GET", paths[(client * 7919 + sequence) % 4096], None)
 
 
 def lambda_cold_import(project: RenderedProject, url: str, samples: int) -> dict[str, float]:
