@@ -47,7 +47,8 @@ requests; the other sits idle with its connections open.
                  and a closed loop of as many clients as connections on an exact query falls
                  into step (every request finishes and queues for the service's CPU with the
                  others, every time) unless something, such as a pool reopening connections,
-                 knocks it out of step. Real queries vary.
+                 knocks it out of step. Real queries vary. bench/lockstep.py measures the
+                 lock without HTTP.
 
 Reported per client count: requests per second (median of the rounds), the ratio generated /
 hand-written of the medians and its spread over the rounds (each round's own ratio), the service
