@@ -214,9 +214,18 @@ def work(ms: int, spread: int = 0):
     """
     if not spread:
         return lambda client, sequence: ("GET", f"/work?ms={ms}", None)
-    durations = random.Random(20261205).choices(range(ms - spread, ms + spread + 1), k=4096)
-    paths = [f"/work?ms={duration}" for duration in durations]
-    return lambda client, sequence: ("GET", paths[(client * 7919 + sequence) % 4096], None)
+    paths = [f"/work?ms={duration}" for duration in query_durations(ms, spread)]
+    return lambda client, sequence: ("GET", paths[duration_index(client, sequence)], None)
+
+
+def query_durations(ms: int, spread: int) -> list[int]:
+    """The fixed table of query lengths, ms: MS - spread to MS + spread, uniform, mean MS."""
+    return random.Random(20261205).choices(range(ms - spread, ms + spread + 1), k=4096)
+
+
+def duration_index(client: int, sequence: int) -> int:
+    """Where in query_durations the client's request number `sequence` reads its length."""
+    return (client * 7919 + sequence) % 4096
 
 
 def lambda_cold_import(project: RenderedProject, url: str, samples: int) -> dict[str, float]:

@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import datetime as dt
 import os
-import random
 import statistics
 import sys
 import time
@@ -82,18 +81,11 @@ class Run:
     sessions: int
 
 
-def durations(ms: int, spread: int) -> list[float]:
-    """Seconds each query sleeps: bench/load.py's table, so efficiency.py's runs compare."""
-    if not spread:
-        return [ms / 1000]
-    table = random.Random(20261205).choices(range(ms - spread, ms + spread + 1), k=4096)
-    return [value / 1000 for value in table]
-
-
 async def run(variant: Variant, url: str, clients: int, requests: int, ms: int) -> Run:
     import psycopg
 
-    sleeps = durations(ms, variant.spread)
+    # bench/load.py's table of query lengths, so the runs compare with bench/efficiency.py's.
+    sleeps = [d / 1000 for d in bench.query_durations(ms, variant.spread)] if variant.spread else []
     opened = 0
     served = 0
     latencies: list[float] = []
@@ -125,7 +117,7 @@ async def run(variant: Variant, url: str, clients: int, requests: int, ms: int) 
             await asyncio.sleep(index * ms / 1000 / clients)
         sequence = 0
         while served < requests and time.monotonic() < deadline:
-            seconds = sleeps[(index * 7919 + sequence) % len(sleeps)]
+            seconds = sleeps[bench.duration_index(index, sequence)] if sleeps else ms / 1000
             sequence += 1
             started = time.perf_counter()
             if connections:
