@@ -43,6 +43,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import load as bench  # noqa: E402  (machine description, RESULTS.md sections, test paths)
+import psycopg  # noqa: E402
 from harness import PostgresCluster, missing_requirements  # noqa: E402
 from sqlalchemy import event, text  # noqa: E402
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine  # noqa: E402
@@ -82,10 +83,8 @@ class Run:
 
 
 async def run(variant: Variant, url: str, clients: int, requests: int, ms: int) -> Run:
-    import psycopg
-
-    # bench/load.py's table of query lengths, so the runs compare with bench/efficiency.py's.
-    sleeps = [d / 1000 for d in bench.query_durations(ms, variant.spread)] if variant.spread else []
+    # bench/load.py's table of query lengths (all MS when spread is 0), as efficiency.py's runs.
+    sleeps = [duration / 1000 for duration in bench.query_durations(ms, variant.spread)]
     opened = 0
     served = 0
     latencies: list[float] = []
@@ -117,7 +116,7 @@ async def run(variant: Variant, url: str, clients: int, requests: int, ms: int) 
             await asyncio.sleep(index * ms / 1000 / clients)
         sequence = 0
         while served < requests and time.monotonic() < deadline:
-            seconds = sleeps[bench.duration_index(index, sequence)] if sleeps else ms / 1000
+            seconds = sleeps[bench.duration_index(index, sequence)]
             sequence += 1
             started = time.perf_counter()
             if connections:
@@ -241,20 +240,18 @@ def report(
         "|---|---|---|---:|---:|---|---|---:|",
     ]
     for variant, results in runs.items():
-        cpu = statistics.median(run.cpu_us for run in results)
         rate = [run.per_second for run in results]
-
-        def median(name: str, results: list[Run] = results) -> float:
-            return statistics.median(getattr(run, name) for run in results)
-
-        sessions = statistics.median(run.sessions for run in results)
-        alone = args.ms + cpu / 1000
-        in_step = args.ms + args.clients * cpu / 1000
+        median = {
+            name: statistics.median(getattr(run, name) for run in results)
+            for name in ("cpu_us", "p10", "p50", "p90", "sessions")
+        }
+        alone = args.ms + median["cpu_us"] / 1000
+        in_step = args.ms + args.clients * median["cpu_us"] / 1000
         lines.append(
             f"| {variant.label(args.clients)} | {statistics.median(rate):.0f}"
-            f" ({min(rate):.0f} - {max(rate):.0f}) | {cpu:.0f} us"
-            f" | {median('p10'):.1f} / {median('p50'):.1f} / {median('p90'):.1f}"
-            f" | {alone:.1f} - {in_step:.1f} | {sessions:.0f} |"
+            f" ({min(rate):.0f} - {max(rate):.0f}) | {median['cpu_us']:.0f} us"
+            f" | {median['p10']:.1f} / {median['p50']:.1f} / {median['p90']:.1f}"
+            f" | {alone:.1f} - {in_step:.1f} | {median['sessions']:.0f} |"
         )
     lines.append(END)
     return "\n".join(lines)
